@@ -1,0 +1,22 @@
+"""Plain-torch grouped matmul: the correctness oracle for the other backends.
+
+One ordinary matmul per expert over its slice of the expert-sorted rows. It syncs with the host
+(`offsets.tolist()`) and launches E matmuls, so it is slow for large E, but every step is an op
+whose forward and backward torch already gets right: gradients come from autograd, including the
+zero weight gradient of an empty expert.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e].
+
+    x: [T, K] rows sorted by expert; w: [E, K, N]; offsets: [E] int32 cumulative row counts
+    (expert e owns rows offsets[e-1]:offsets[e], offsets[-1] == T). Returns [T, N].
+    """
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])

@@ -1,0 +1,28 @@
+"""The packed batch: what the loader hands the trainer, one tensor of shape [B, L] per field.
+
+Every position of a packed row is either a text token or one visual latent patch. The ids
+below are all the attention mask, the model and the losses need:
+
+- ``tokens``       int64. Text token id; at visual positions the id of ``<pad>`` (unused).
+- ``latents``      float32 [B, L, C]. Clean latent patch at visual positions, zeros elsewhere.
+- ``modality``     int64. ``TEXT`` or ``VISION``.
+- ``document_ids`` int64. Index of the packed sample within its row (0, 1, ...); trailing
+                   padding gets its own id so it attends only to itself.
+- ``frame_ids``    int64. For visual positions, an index unique within the row for each
+                   image or video frame; ``NO_FRAME`` (-1) for text.
+- ``positions``    int64. Position inside the document (RoPE restarts at each document).
+- ``denoise``      bool. Visual positions that are noised and trained with the flow loss.
+                   Images that condition text (understanding direction) stay clean: False.
+- ``labels``       int64. Next text token to predict at this position, ``IGNORE_INDEX``
+                   where there is none (visual positions, the last token of a document,
+                   padding).
+"""
+
+from __future__ import annotations
+
+TEXT = 0
+VISION = 1
+NO_FRAME = -1
+IGNORE_INDEX = -100  # torchtitan's value, kept identical for its loss utilities
+
+BATCH_KEYS = ("tokens", "latents", "modality", "document_ids", "frame_ids", "positions", "denoise")

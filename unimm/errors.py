@@ -1,0 +1,5 @@
+"""Errors a person can fix from the command line: they print as one line, no stack trace."""
+
+
+class ConfigError(ValueError):
+    """A setting, file or value that does not fit; the message names it and what was expected."""

@@ -1,0 +1,106 @@
+"""Flow matching for visual latents (paper §2.1, App. D.2/E.3).
+
+Convention: t in [0, 1] with t = 1 clean and t = 0 pure noise;
+z_t = (1 - t) * eps + t * z0, velocity v = dz_t/dt = z0 - eps.
+One t per image or video frame (diffusion forcing), shifted toward the noisy end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class FlowMatchingConfig:
+    prediction: Literal["v", "x"] = "v"
+    """``v``: the flow head predicts the velocity z0 - eps. ``x``: it predicts the clean
+    latent z0 (JiT-style) and the loss is taken on the velocity that prediction implies."""
+
+    shift: Literal["none", "sd3", "rae"] = "rae"
+    """How t ~ U[0,1] is moved toward the noisy end: ``sd3`` uses ``shift_value``;
+    ``rae`` derives the shift from the latent's dimension: sqrt(tokens * channels / rae_base_dim)."""
+
+    shift_value: float = 3.0
+    rae_base_dim: int = 4096
+    x_pred_min_one_minus_t: float = 0.05
+    """Floor on (1 - t) when an x-prediction is turned into a velocity (avoids dividing by ~0)."""
+
+    def shift_factor(self, tokens_per_frame: int, latent_dim: int) -> float:
+        if self.shift == "none":
+            return 1.0
+        if self.shift == "sd3":
+            return self.shift_value
+        if self.shift == "rae":
+            return math.sqrt(tokens_per_frame * latent_dim / self.rae_base_dim)
+        raise ValueError(f"flow.shift must be 'none', 'sd3' or 'rae', got {self.shift!r}")
+
+
+def shift_t(t: torch.Tensor, s: float) -> torch.Tensor:
+    """SD3's shift written for t = 1 clean: with noise level sigma = 1 - t,
+    sigma' = s * sigma / (1 + (s - 1) * sigma). s > 1 moves samples toward noise."""
+    sigma = 1.0 - t
+    return 1.0 - s * sigma / (1.0 + (s - 1.0) * sigma)
+
+
+def sample_t(n: int, s: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    u = torch.rand(n, generator=generator, device=device)
+    return shift_t(u, s)
+
+
+def interpolate(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (1.0 - t) * eps + t * z0
+
+
+def velocity_target(z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return z0 - eps
+
+
+def predicted_velocity(
+    pred: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, config: FlowMatchingConfig
+) -> torch.Tensor:
+    """The velocity a head output stands for; used by the loss and by the Euler sampler."""
+    if config.prediction == "v":
+        return pred
+    # x-prediction: z_t = (1 - t) eps + t x  =>  v = (x - z_t) / (1 - t)
+    return (pred - z_t) / (1.0 - t).clamp_min(config.x_pred_min_one_minus_t)
+
+
+def flow_loss_sum(
+    pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, config: FlowMatchingConfig
+) -> torch.Tensor:
+    """Sum of squared velocity errors; the caller divides by the (global) element count."""
+    z_t = interpolate(z0, eps, t)
+    v_hat = predicted_velocity(pred.float(), z_t, t, config)
+    return (v_hat - velocity_target(z0, eps)).pow(2).sum()
+
+
+def frame_noise(
+    latents_BLC: torch.Tensor,
+    frame_ids_BL: torch.Tensor,
+    denoise_BL: torch.Tensor,
+    shift: float,
+    seeds: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame flow time t and Gaussian noise, drawn from one generator per row.
+
+    Seeding each row from (seed, step, global row index) makes the noise independent of how
+    rows are spread over processes, so 1 and N processes see identical training data, and a
+    resumed run draws what the uninterrupted run would have. Clean (conditioning) visual
+    positions get t = 1; text positions get t = 1 too (ignored by the model).
+    """
+    B, L, C = latents_BLC.shape
+    device = latents_BLC.device
+    t_BL = torch.ones(B, L, device=device)
+    eps_BLC = torch.empty(B, L, C, device=device)
+    n_frames = int(frame_ids_BL.max().item()) + 1 if frame_ids_BL.numel() else 0
+    for b, seed in enumerate(seeds):
+        g = torch.Generator(device=device).manual_seed(seed)
+        t_frames = shift_t(torch.rand(max(n_frames, 1), generator=g, device=device), shift)
+        eps_BLC[b] = torch.randn(L, C, generator=g, device=device)
+        noised = denoise_BL[b]
+        t_BL[b, noised] = t_frames[frame_ids_BL[b, noised]]
+    return t_BL, eps_BLC

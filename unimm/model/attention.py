@@ -1,0 +1,55 @@
+"""Grouped-query self-attention with RoPE over packed positions and the hybrid mask."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torchtitan.models.common.rope import ComplexRoPE
+from torchtitan.protocols.module import Module
+
+from unimm.masks import AttentionMask
+from unimm.model.init import linear_init
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Eager flex_attention materialises the full score matrix; compiled, it is the fused
+    # block-sparse kernel. Compile once per process, not per call.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q_BHLK, k_BHLK, v_BHLK, mask: AttentionMask) -> torch.Tensor:
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex_attention() if q_BHLK.is_cuda else flex_attention
+        return flex(q_BHLK, k_BHLK, v_BHLK, block_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLK, attn_mask=mask, enable_gqa=True)
+
+
+class Attention(Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, init_std: float):
+        super().__init__()
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(
+                f"dim ({dim}) must divide by n_heads ({n_heads}) and n_heads by n_kv_heads ({n_kv_heads})"
+            )
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        head_dim = dim // n_heads
+        self.wq = linear_init(dim, n_heads * head_dim, std=0.02)
+        self.wk = linear_init(dim, n_kv_heads * head_dim, std=0.02)
+        self.wv = linear_init(dim, n_kv_heads * head_dim, std=0.02)
+        self.wo = linear_init(n_heads * head_dim, dim, std=init_std)
+
+    def forward(
+        self, x_BLD: torch.Tensor, rope: ComplexRoPE, positions_BL: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        q = rearrange(self.wq(x_BLD), "b l (h k) -> b l h k", h=self.n_heads)
+        k = rearrange(self.wk(x_BLD), "b l (h k) -> b l h k", h=self.n_kv_heads)
+        v = rearrange(self.wv(x_BLD), "b l (h k) -> b h l k", h=self.n_kv_heads)
+        q, k = rope(q, k, positions_BL)
+        out_BHLK = attend(q.transpose(1, 2), k.transpose(1, 2), v, mask)
+        return self.wo(rearrange(out_BHLK, "b h l k -> b l (h k)"))
+

@@ -1,0 +1,148 @@
+"""The unified decoder: one transformer over text tokens and visual latent patches.
+
+Read top to bottom: inputs are embedded per modality (token embedding for text; a linear
+projection of the noisy latent plus a timestep embedding for visual patches), pass through
+Llama-style pre-norm blocks under the hybrid mask, and leave through two heads: the LM head
+at text positions and a linear flow head at visual positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torchtitan.models.common.embedding import Embedding
+from torchtitan.models.common.rope import ComplexRoPE
+from torchtitan.protocols.model import BaseModel
+from torchtitan.protocols.module import Module, ModuleDict
+
+from unimm.data.batch import VISION
+from unimm.errors import ConfigError
+from unimm.masks import AttentionMask, MaskBackend
+from unimm.model.attention import Attention
+from unimm.model.ffn import FFNConfig, build_ffn
+from unimm.model.init import depth_scaled_std, linear_init, rms_norm
+
+
+class TimestepEmbedding(Module):
+    """Sinusoidal features of the flow time t in [0, 1], then a small MLP to the model width."""
+
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp_in = linear_init(freq_dim, freq_dim, std=0.02, bias=True)
+        self.mlp_out = linear_init(freq_dim, dim, std=0.02, bias=True)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+        # Scale t to [0, 1000] so the low frequencies still resolve small steps of t.
+        angles = 1000.0 * t.float()[..., None] * freqs
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp_in.weight.dtype)
+        return self.mlp_out(nn.functional.silu(self.mlp_in(features)))
+
+
+class TransformerBlock(Module):
+    def __init__(self, layer_id: int, config: "UnimmModel.Config"):
+        super().__init__()
+        out_std = depth_scaled_std(layer_id)
+        self.attention_norm = rms_norm(config.dim, config.norm_eps)
+        self.attention = Attention(config.dim, config.n_heads, config.n_kv_heads, out_std)
+        self.ffn_norm = rms_norm(config.dim, config.norm_eps)
+        self.feed_forward = build_ffn(config.dim, config.ffn, out_std)
+
+    def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask):
+        x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), rope, positions_BL, mask)
+        return x_BLD + self.feed_forward(self.ffn_norm(x_BLD), modality_BL)
+
+
+class UnimmModel(BaseModel):
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseModel.Config):
+        vocab_size: int = 128_256
+        dim: int = 2048
+        n_layers: int = 16
+        n_heads: int = 32
+        n_kv_heads: int = 8
+        ffn: FFNConfig = field(default_factory=FFNConfig)
+        norm_eps: float = 1e-5
+        rope_theta: float = 500_000.0
+        max_seq_len: int = 4096
+        """Longest packed row the model holds (the RoPE table is built to this length)."""
+        latent_dim: int = 1152
+        """Width of one visual latent patch from the frozen encoder (SigLIP 2 So400m: 1152)."""
+        time_freq_dim: int = 256
+        attn_backend: Literal["auto", "flex", "sdpa"] = "auto"
+        """``auto``: FlexAttention on CUDA, dense mask + SDPA elsewhere (no flex backward on CPU)."""
+
+        def update_from_config(self, *, config, **kwargs) -> None:
+            seq_len = config.training.seq_len
+            if seq_len > self.max_seq_len:
+                raise ConfigError(
+                    f"training.seq_len={seq_len} exceeds the model's max_seq_len={self.max_seq_len}; "
+                    "lower --training.seq_len or raise the recipe's max_seq_len"
+                )
+
+        def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+            from unimm.model.params import count_params, training_flops_per_token
+
+            return count_params(model).total, training_flops_per_token(self, model, seq_len)
+
+        def mask_backend(self, device: torch.device) -> MaskBackend:
+            if self.attn_backend == "auto":
+                return "flex" if device.type == "cuda" else "sdpa"
+            return self.attn_backend
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = Embedding.Config(
+            num_embeddings=config.vocab_size,
+            embedding_dim=config.dim,
+            param_init={"weight": nn.init.normal_},
+        ).build()
+        self.latent_proj = linear_init(config.latent_dim, config.dim, std=0.02, bias=True)
+        self.time_embedding = TimestepEmbedding(config.time_freq_dim, config.dim)
+        self.rope = ComplexRoPE.Config(
+            dim=config.dim // config.n_heads, max_seq_len=config.max_seq_len, theta=config.rope_theta
+        ).build()
+        self.layers = ModuleDict(
+            {str(i): TransformerBlock(i, config) for i in range(config.n_layers)}
+        )
+        self.norm = rms_norm(config.dim, config.norm_eps)
+        self.lm_head = linear_init(config.dim, config.vocab_size, std=config.dim**-0.5)
+        # Zero-initialised like a DiT's final layer: training starts from predicting zero.
+        self.flow_head = linear_init(config.dim, config.latent_dim, std=0.0, bias=True)
+
+    # torchtitan's FSDP helper groups these two with the final norm when weights are tied.
+    enable_weight_tying = False
+
+    def embed(self, tokens_BL, latents_BLC, t_BL, modality_BL) -> torch.Tensor:
+        text_BLD = self.tok_embeddings(tokens_BL)
+        vision_BLD = self.latent_proj(latents_BLC.to(text_BLD.dtype)) + self.time_embedding(t_BL)
+        return torch.where((modality_BL == VISION)[..., None], vision_BLD, text_BLD)
+
+    def hidden_states(self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask) -> torch.Tensor:
+        h_BLD = self.embed(tokens_BL, latents_BLC, t_BL, modality_BL)
+        for layer in self.layers.values():
+            h_BLD = layer(h_BLD, modality_BL, self.rope, positions_BL, mask)
+        return self.norm(h_BLD)
+
+    def forward(
+        self,
+        tokens_BL: torch.Tensor,
+        latents_BLC: torch.Tensor,
+        t_BL: torch.Tensor,
+        modality_BL: torch.Tensor,
+        positions_BL: torch.Tensor,
+        attention_mask: AttentionMask,
+        lm_positions_BL: torch.Tensor,
+        flow_positions_BL: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return LM logits at ``lm_positions`` [N_text, V] and flow predictions at
+        ``flow_positions`` [N_vis, C]; heads run only where a loss or a sample needs them."""
+        h_BLD = self.hidden_states(tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask)
+        return self.lm_head(h_BLD[lm_positions_BL]), self.flow_head(h_BLD[flow_positions_BL])

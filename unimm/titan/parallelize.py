@@ -1,0 +1,60 @@
+"""Applies activation checkpointing, torch.compile and FSDP2 to the unified model.
+
+The model keeps torchtitan's decoder attribute names (tok_embeddings, layers, norm, lm_head)
+so torchtitan's own FSDP helper shards it: one FSDP unit per block, embeddings and the
+final norm + LM head as their own units, and the visual adapters with the root.
+"""
+
+from __future__ import annotations
+
+from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.compile import apply_compile
+from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+
+from unimm.model.transformer import UnimmModel
+from unimm.titan.compat import force_sum_reduction_on_gloo
+
+
+def parallelize_unimm(
+    model: UnimmModel,
+    *,
+    parallel_dims: ParallelDims,
+    training: TrainingConfig,
+    parallelism: ParallelismConfig,
+    compile_config: CompileConfig,
+    ac_config,
+    dump_folder: str,
+) -> UnimmModel:
+    unsupported = {
+        "tensor parallel": parallel_dims.tp_enabled,
+        "context parallel": parallel_dims.cp_enabled,
+        "pipeline parallel": parallel_dims.pp_enabled,
+    }
+    if any(unsupported.values()):
+        names = ", ".join(name for name, on in unsupported.items() if on)
+        raise ValueError(
+            f"unimm runs data parallel (FSDP2 / HSDP) only; {names} requested in --parallelism.*"
+        )
+    if parallelism.spmd_backend != "partial_dtensor":
+        raise ValueError(
+            "unimm needs --parallelism.spmd_backend partial_dtensor (its modules carry no "
+            f"sharding annotations for {parallelism.spmd_backend!r})"
+        )
+    if ac_config is not None:
+        ac_config.build(dump_folder=dump_folder).apply(model)
+    if compile_config.enable and "model" in compile_config.components:
+        apply_compile(model, compile_config=compile_config, parallel_dims=parallel_dims)
+
+    mesh_names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    apply_fsdp_to_decoder(
+        model,
+        parallel_dims.get_mesh(mesh_names),
+        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        pp_enabled=False,
+        cpu_offload=training.enable_cpu_offload,
+        reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+    )
+    force_sum_reduction_on_gloo(model)
+    return model

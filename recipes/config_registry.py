@@ -10,7 +10,7 @@ from __future__ import annotations
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
-from torchtitan.config import ParallelismConfig, TrainingConfig
+from torchtitan.config import DebugConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 
 from unimm.data.loader import MultimodalDataLoader
@@ -54,6 +54,7 @@ def _debug(flavor: str) -> UnimmTrainer.Config:
             gc_freq=1000,
         ),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+        debug=DebugConfig(seed=0),
         activation_checkpoint=None,
         checkpoint=_checkpoints(interval=100, keep_latest_k=2),
         metrics=MetricsProcessor.Config(log_freq=10, disable_color_printing=True),
@@ -87,6 +88,7 @@ def _paper(flavor: str) -> UnimmTrainer.Config:
             local_batch_size=4, seq_len=4096, steps=100_000, max_norm=1.0, disable_cuda_graphs=True
         ),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+        debug=DebugConfig(seed=0),
         activation_checkpoint=SelectiveAC.Config(),
         checkpoint=_checkpoints(interval=1000, keep_latest_k=3),
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),

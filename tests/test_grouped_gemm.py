@@ -54,11 +54,12 @@ def _leaves(*tensors: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     return [t.to(dtype).detach().requires_grad_() for t in tensors]
 
 
-def _check_grouped_mm(backend, dtype, counts, k, n, num_tokens=None, seed=0):
+def _check_grouped_mm(backend, dtype, counts, k, n, num_tokens=None, w_as_nk=False, seed=0):
     """grouped_mm(backend, dtype) vs the float64 loop: y, dx and dw.
 
     With num_tokens, x holds num_tokens rows and the GEMM reads them through a random gather_idx
-    (tokens repeat, as under top-k routing); otherwise x is already sorted by expert.
+    (tokens repeat, as under top-k routing); otherwise x is already sorted by expert. With
+    w_as_nk, the weight is stored [E, N, K] and passed as its transposed view (torchtitan's layout).
     """
     gen = torch.Generator().manual_seed(seed)
     offsets = _offsets(counts)
@@ -67,16 +68,20 @@ def _check_grouped_mm(backend, dtype, counts, k, n, num_tokens=None, seed=0):
     if num_tokens is not None:
         gather_idx = torch.randint(0, num_tokens, (rows,), generator=gen)
     x0 = torch.randn(num_tokens if num_tokens is not None else rows, k, generator=gen)
-    w0 = torch.randn(len(counts), k, n, generator=gen) / k**0.5
+    w_shape = (len(counts), n, k) if w_as_nk else (len(counts), k, n)
+    w0 = torch.randn(w_shape, generator=gen) / k**0.5
     dy = torch.randn(rows, n, generator=gen).to(dtype)
 
+    def as_kn(w):
+        return w.transpose(1, 2) if w_as_nk else w
+
     x, w = _leaves(x0, w0, dtype=dtype)
-    y = grouped_mm(x, w, offsets, backend, gather_idx)
+    y = grouped_mm(x, as_kn(w), offsets, backend, gather_idx)
     y.backward(dy)
 
     # The oracle starts from the same (possibly bf16-rounded) inputs, in float64.
     xr, wr = _leaves(x, w, dtype=torch.float64)
-    yr = _oracle(xr, wr, offsets, gather_idx)
+    yr = _oracle(xr, as_kn(wr), offsets, gather_idx)
     yr.backward(dy.double())
 
     _assert_close(y.detach(), yr.detach(), dtype, "y")
@@ -119,6 +124,11 @@ def test_1008_experts_few_tokens(backend):
 def test_gather_fused(backend, dtype):
     # 37 routed rows read from 20 tokens, some tokens twice, some never.
     _check_grouped_mm(backend, dtype, [7, 0, 18, 12], k=24, n=40, num_tokens=20)
+
+
+@backends
+def test_transposed_weight_view(backend):
+    _check_grouped_mm(backend, torch.float32, [9, 4, 0, 11], k=24, n=40, w_as_nk=True)
 
 
 @backends

@@ -94,13 +94,13 @@ def frame_noise(
     """
     B, L, C = latents_BLC.shape
     device = latents_BLC.device
-    t_BL = torch.ones(B, L, device=device)
+    t_BL = torch.empty(B, L, device=device)
     eps_BLC = torch.empty(B, L, C, device=device)
-    n_frames = int(frame_ids_BL.max().item()) + 1 if frame_ids_BL.numel() else 0
     for b, seed in enumerate(seeds):
         g = torch.Generator(device=device).manual_seed(seed)
-        t_frames = shift_t(torch.rand(max(n_frames, 1), generator=g, device=device), shift)
         eps_BLC[b] = torch.randn(L, C, generator=g, device=device)
-        noised = denoise_BL[b]
-        t_BL[b, noised] = t_frames[frame_ids_BL[b, noised]]
+        # A row holds at most L frames: drawing L times keeps the draw independent of the
+        # other rows and free of a host sync on the frame count.
+        t_frames = shift_t(torch.rand(L, generator=g, device=device), shift)
+        t_BL[b] = torch.where(denoise_BL[b], t_frames[frame_ids_BL[b].clamp_min(0)], 1.0)
     return t_BL, eps_BLC

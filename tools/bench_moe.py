@@ -8,11 +8,12 @@ weighting by router scores is the same for every backend and is left out.
 Two layers are run, with equal active FLOPs:
   fine-grained  the paper's MoE layer (granularity G = 4 * d_model / d_expert = 16 at the defaults):
                 d_model 2048, d_expert 512, E 256, top-16, 16384 tokens;
-  coarse        G = 1 at the same active compute: d_expert = top_k * d_expert_fine (8192), top-1,
-                E = E_fine / top_k (16), so total expert parameters match as well.
+  coarse        top-1 with d_expert = top_k * d_expert_fine (8192 = 4 * d_model at the defaults:
+                G = 1) and E = E_fine / top_k (16), so total expert parameters match as well.
 The shape flags set the fine-grained layer; the coarse one follows from it (--no-coarse drops it).
 
-FLOPs: 3 GEMMs forward and 6 backward (input and weight gradient of each), 2 * T * k * D * H each.
+Times are medians over the timed steps. FLOPs: 3 GEMMs forward and 6 backward (input and weight
+gradient of each), 2 * T * k * D * H each (T tokens, D d_model, H d_expert).
 "vs dense" divides a dense matmul layer's time by the backend's time: the same SwiGLU (three
 [T*k, D] x [D, H]-sized matmuls, forward and backward) with one weight set and plain torch.matmul,
 timed in the same process. Peak memory is what one step allocates above what is allocated before
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -128,14 +130,17 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ms(step: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
+    """Median step time: robust to the odd step slowed by something else on the machine."""
     for _ in range(warmup):  # also compiles the Triton kernels
         step()
-    _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
         step()
-    _sync(device)
-    return (time.perf_counter() - start) / iters * 1e3
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def _cpu_peak_bytes(step: Callable[[], None]) -> int:
@@ -167,10 +172,10 @@ def peak_mib(step: Callable[[], None], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def measure(name: str, layer: Layer, step, flops: float, args, device) -> dict:
+def measure(name: str, layer: Layer, step: Callable[[], None], args, device) -> dict:
     ms = time_ms(step, args.iters, args.warmup, device)
     return dict(
-        layer=layer.name, backend=name, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
+        layer=layer.name, backend=name, ms=ms, tflops=layer.flops / (ms * 1e-3) / 1e12,
         peak_mib=peak_mib(step, device),
     )
 
@@ -178,12 +183,11 @@ def measure(name: str, layer: Layer, step, flops: float, args, device) -> dict:
 def bench_layer(layer: Layer, args, device) -> list[dict]:
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device=device).manual_seed(0)
-    dense = measure("dense matmul", layer, dense_step(layer, dtype, device, gen), layer.flops,
-                    args, device)
+    dense = measure("dense matmul", layer, dense_step(layer, dtype, device, gen), args, device)
     rows = [dense]
     for backend in args.backends:
         step = expert_step(layer, backend, dtype, device, gen)
-        rows.append(measure(backend, layer, step, layer.flops, args, device))
+        rows.append(measure(backend, layer, step, args, device))
     for row in rows:
         row["vs_dense"] = dense["ms"] / row["ms"]
     return rows

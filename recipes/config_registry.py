@@ -17,6 +17,7 @@ from unimm.data.loader import MultimodalDataLoader
 from unimm.flow import FlowMatchingConfig
 from unimm.losses import TransfusionLoss
 from unimm.titan.model_spec import model_registry
+from unimm.titan.model_size import SizedTrainer, sized
 from unimm.titan.trainer import UnimmTrainer
 
 # The paper's mixture by token share (App. E.8); action data joins with the data pipelines.
@@ -73,6 +74,11 @@ def debug_cpu_modality() -> UnimmTrainer.Config:
     return _debug("debug_modality")
 
 
+def debug_cpu_moe() -> UnimmTrainer.Config:
+    """debug_cpu with a mixture of 8 experts (top-2) in every layer."""
+    return _debug("debug_moe")
+
+
 def _paper(flavor: str) -> UnimmTrainer.Config:
     # App. E.2: AdamW, peak LR 3e-4, 1000 warmup steps, cosine decay to 5% of peak,
     # sequence 4096, 4 rows per GPU (2M tokens a step on 128 GPUs).
@@ -105,3 +111,29 @@ def dense_1b5() -> UnimmTrainer.Config:
 def modality_ffn_2b3() -> UnimmTrainer.Config:
     """Paper default: modality-specific FFNs, 2.30B total / 1.50B active."""
     return _paper("modality_ffn_2b3")
+
+
+# The paper's MoE sweeps (App. E.7), one recipe per flavor of unimm.titan.model_spec.
+def _register_moe_recipes() -> None:
+    from unimm.titan.model_spec import FLAVORS
+
+    for flavor in FLAVORS:
+        if flavor.startswith("moe_"):
+            recipe = lambda flavor=flavor: _paper(flavor)  # noqa: E731
+            recipe.__name__ = recipe.__qualname__ = flavor
+            recipe.__module__ = __name__
+            recipe.__doc__ = f"Paper MoE configuration {flavor} (App. E.7)."
+            globals()[flavor] = recipe
+
+
+_register_moe_recipes()
+
+
+def debug_sweep() -> SizedTrainer.Config:
+    """debug_cpu resizable from the command line (``--model_size.*``) for IsoFLOP sweeps on CPU;
+    ``unimm isoflop plan`` writes the sizes, steps and warmup. A 32-wide timestep MLP keeps the
+    visual adapters small beside the smallest models; one checkpoint, at the end."""
+    base = _debug("debug")
+    base.model_spec.model.time_freq_dim = 32
+    base.checkpoint = _checkpoints(interval=1_000_000, keep_latest_k=1)
+    return sized(base)

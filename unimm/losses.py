@@ -36,9 +36,12 @@ class TransfusionLoss(BaseLoss):
         eps_MC: torch.Tensor,
         t_M1: torch.Tensor,
         global_counts: torch.Tensor,
+        router_loss: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``global_counts`` = [text targets, noised latent elements] in the global batch."""
+        """``global_counts`` = [text targets, noised latent elements] in the global batch;
+        ``router_loss``: the MoE load-balancing term, already weighted and scaled to this
+        rank's share of the batch (zero without routed FFNs)."""
         loss_lm = F.cross_entropy(logits_NV.float(), text_labels_N, reduction="sum") / global_counts[0]
         loss_flow = flow_loss_sum(flow_pred_MC, z0_MC, eps_MC, t_M1, self.config.flow) / global_counts[1]
-        loss = self.config.lambda_lm * loss_lm + self.config.lambda_flow * loss_flow
+        loss = self.config.lambda_lm * loss_lm + self.config.lambda_flow * loss_flow + router_loss
         return loss, {"loss_lm": loss_lm.detach(), "loss_flow": loss_flow.detach()}

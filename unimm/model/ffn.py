@@ -1,29 +1,35 @@
-"""Feed-forward variants. Every variant maps ``(x_BLD, modality_BL) -> y_BLD``.
+"""Feed-forward variants. Every variant maps ``(x_BLD, modality_BL) -> (y_BLD, balance)``,
+``balance`` being the router's load-balancing loss (zero where nothing is routed).
 
 - ``shared``: one SwiGLU FFN for every token (the dense baseline).
-- ``modality``: one SwiGLU FFN for text and one for vision; each token runs through its
-  own only, so the active parameters equal the dense model's (paper §2.2, App. C).
-
-New variants (mixtures of experts) register a builder in ``FFN_BUILDERS``.
+- ``modality``: one SwiGLU FFN for text and one for vision; each token runs through its own
+  only (paper §2.2, App. C). It is the expert engine with two experts and routing fixed by
+  modality, so it shares the MoE's grouped GEMM.
+- ``moe``: fine-grained mixture of experts (``unimm.model.moe``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torchtitan.protocols.module import Module
 
-from unimm.data.batch import VISION
+from unimm.model.experts import ExpertWeights, expert_backend
 from unimm.model.init import linear_init
+from unimm.model.moe import MoE, MoEConfig, run_experts
 
 
 @dataclass(kw_only=True, slots=True)
 class FFNConfig:
-    kind: Literal["shared", "modality"] = "shared"
+    kind: Literal["shared", "modality", "moe"] = "shared"
     hidden_dim: int = 8192
+    """Width of the dense and modality FFNs (MoE experts use ``moe.expert_hidden_dim``)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    backend: Literal["auto", "triton", "torch_grouped_mm", "loop"] = "auto"
+    """Grouped-GEMM backend of the modality FFN (the MoE has its own, ``moe.backend``)."""
 
 
 class SwiGLU(Module):
@@ -36,43 +42,47 @@ class SwiGLU(Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 class SharedFFN(Module):
     def __init__(self, dim: int, config: FFNConfig, out_std: float):
         super().__init__()
         self.ffn = SwiGLU(dim, config.hidden_dim, out_std)
 
-    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
-        return self.ffn(x_BLD)
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ffn(x_BLD), x_BLD.new_zeros(())
 
     def inactive_params(self) -> int:
         return 0
 
 
 class ModalityFFN(Module):
+    """Expert 0 is the text FFN, expert 1 the vision FFN (modality ids TEXT=0, VISION=1)."""
+
     def __init__(self, dim: int, config: FFNConfig, out_std: float):
         super().__init__()
-        self.text = SwiGLU(dim, config.hidden_dim, out_std)
-        self.vision = SwiGLU(dim, config.hidden_dim, out_std)
+        self.backend = config.backend
+        self.experts = ExpertWeights(2, dim, config.hidden_dim, out_std)
 
-    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
-        is_vision_BL = modality_BL == VISION
-        out_BLD = torch.empty_like(x_BLD)
-        out_BLD[~is_vision_BL] = self.text(x_BLD[~is_vision_BL])
-        out_BLD[is_vision_BL] = self.vision(x_BLD[is_vision_BL])
-        return out_BLD
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        expert_T1 = modality_BL.reshape(B * L, 1)
+        weight_T1 = torch.ones(B * L, 1, dtype=x_TD.dtype, device=x_TD.device)
+        out_TD = run_experts(self.experts, x_TD, expert_T1, weight_T1, expert_backend(self.backend, x_TD))
+        return out_TD.reshape(B, L, D), x_BLD.new_zeros(())
 
     def inactive_params(self) -> int:
-        # Each token runs exactly one of the two FFNs.
-        return self.vision.num_params()
+        return self.experts.params_per_expert()
+
+
+def _moe(dim: int, config: FFNConfig, out_std: float) -> MoE:
+    return MoE(dim, config.moe, out_std)
 
 
 FFN_BUILDERS: dict[str, Callable[[int, FFNConfig, float], Module]] = {
     "shared": SharedFFN,
     "modality": ModalityFFN,
+    "moe": _moe,
 }
 
 

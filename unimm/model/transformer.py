@@ -55,8 +55,10 @@ class TransformerBlock(Module):
         self.feed_forward = build_ffn(config.dim, config.ffn, out_std)
 
     def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask):
+        """Return the block's output and its FFN's load-balancing loss (0 when not routed)."""
         x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), rope, positions_BL, mask)
-        return x_BLD + self.feed_forward(self.ffn_norm(x_BLD), modality_BL)
+        ffn_BLD, balance = self.feed_forward(self.ffn_norm(x_BLD), modality_BL)
+        return x_BLD + ffn_BLD, balance
 
 
 class UnimmModel(BaseModel):
@@ -87,9 +89,16 @@ class UnimmModel(BaseModel):
                 )
 
         def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-            from unimm.model.params import count_params, training_flops_per_token
+            """Total parameters and the exact training FLOPs of an average position (MFU).
 
-            return count_params(model).total, training_flops_per_token(self, model, seq_len)
+            torchtitan passes no batch, so the attention term uses a typical packed row
+            (``unimm.flops.TYPICAL_MIX``); the count itself is ``unimm.flops``'s.
+            """
+            from unimm.flops import TYPICAL_MIX, model_flops
+            from unimm.model.params import count_params
+
+            flops = model_flops(model).per_token(TYPICAL_MIX, seq_len)
+            return count_params(model).total, round(flops.mean)
 
         def mask_backend(self, device: torch.device) -> MaskBackend:
             if self.attn_backend == "auto":
@@ -125,11 +134,14 @@ class UnimmModel(BaseModel):
         vision_BLD = self.latent_proj(latents_BLC.to(text_BLD.dtype)) + self.time_embedding(t_BL)
         return torch.where((modality_BL == VISION)[..., None], vision_BLD, text_BLD)
 
-    def hidden_states(self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask) -> torch.Tensor:
+    def hidden_states(self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask):
+        """Final normed hidden states [B, L, D] and the per-layer balance losses [n_layers]."""
         h_BLD = self.embed(tokens_BL, latents_BLC, t_BL, modality_BL)
+        balance = []
         for layer in self.layers.values():
-            h_BLD = layer(h_BLD, modality_BL, self.rope, positions_BL, mask)
-        return self.norm(h_BLD)
+            h_BLD, layer_balance = layer(h_BLD, modality_BL, self.rope, positions_BL, mask)
+            balance.append(layer_balance)
+        return self.norm(h_BLD), torch.stack(balance)
 
     def forward(
         self,
@@ -141,8 +153,11 @@ class UnimmModel(BaseModel):
         attention_mask: AttentionMask,
         lm_positions_BL: torch.Tensor,
         flow_positions_BL: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return LM logits at ``lm_positions`` [N_text, V] and flow predictions at
-        ``flow_positions`` [N_vis, C]; heads run only where a loss or a sample needs them."""
-        h_BLD = self.hidden_states(tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask)
-        return self.lm_head(h_BLD[lm_positions_BL]), self.flow_head(h_BLD[flow_positions_BL])
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return LM logits at ``lm_positions`` [N_text, V], flow predictions at
+        ``flow_positions`` [N_vis, C] (heads run only where a loss or a sample needs them),
+        and each layer's router balance loss [n_layers] (zeros for unrouted FFNs)."""
+        h_BLD, balance = self.hidden_states(
+            tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask
+        )
+        return self.lm_head(h_BLD[lm_positions_BL]), self.flow_head(h_BLD[flow_positions_BL]), balance

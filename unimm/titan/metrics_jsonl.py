@@ -64,3 +64,16 @@ class JsonlLogger(BaseLogger):
 
     def close(self) -> None:
         self.passthrough.close()
+
+
+class ExpertLoadLog:
+    """Tokens per expert of every MoE layer at each logged step, one JSON line per step, for
+    expert maps and specialisation analyses (too wide for the scalar metrics)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def write(self, step: int, tokens_per_expert_LE) -> None:
+        row = {"step": step, "tokens_per_expert": tokens_per_expert_LE.long().tolist()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")

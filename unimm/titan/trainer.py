@@ -19,18 +19,20 @@ from torchtitan.trainer import Trainer
 
 from unimm.data.batch import IGNORE_INDEX
 from unimm.data.loader import MultimodalDataLoader
+from unimm.errors import ConfigError
 from unimm.flow import frame_noise, interpolate
 from unimm.losses import TransfusionLoss
 from unimm.masks import build_attention_mask
 from unimm.titan import compat
-from unimm.titan.metrics_jsonl import JsonlLogger
-from unimm.tokenizer import ByteTokenizer
+from unimm.model.moe import moe_layers, update_expert_biases
+from unimm.titan.metrics_jsonl import ExpertLoadLog, JsonlLogger
+from unimm.tokenizer import Tokenizer
 
 
 class UnimmTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
-        tokenizer: ByteTokenizer.Config = field(default_factory=ByteTokenizer.Config)
+        tokenizer: Tokenizer.Config = field(default_factory=Tokenizer.Config)
         dataloader: MultimodalDataLoader.Config = field(default_factory=MultimodalDataLoader.Config)
         loss: TransfusionLoss.Config = field(default_factory=TransfusionLoss.Config)
         metrics_file: str = "metrics.jsonl"
@@ -41,14 +43,54 @@ class UnimmTrainer(Trainer):
         model_config = config.model_spec.model
         config.dataloader.latent_dim = model_config.latent_dim
         super().__init__(config)
+        if self.tokenizer.get_vocab_size() > model_config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.get_vocab_size()} ids but the model's vocab_size "
+                f"is {model_config.vocab_size}: pick a recipe whose vocabulary fits --tokenizer.path"
+            )
         self.mask_backend = model_config.mask_backend(self.device)
         self.flow_shift = config.loss.flow.shift_factor(self.dataloader.manifest.tokens_per_frame, model_config.latent_dim)
+        ffn = model_config.ffn
+        self.moe_config = ffn.moe if ffn.kind == "moe" else None
+        self.moe_layers = moe_layers(self.model_parts[0])
+        self.router_loss_weight = (
+            self.moe_config.aux_loss_coef if self.moe_config and self.moe_config.load_balance == "aux_loss" else 0.0
+        )
+        self.expert_load_log = None
         if dist.get_rank() == 0:
+            if self.moe_layers:
+                self.expert_load_log = ExpertLoadLog(Path(config.dump_folder) / "expert_load.jsonl")
             self.metrics_processor.logger = JsonlLogger(
                 Path(config.dump_folder) / config.metrics_file,
                 world_size=dist.get_world_size(),
                 passthrough=self.metrics_processor.logger,
             )
+
+    # -- mixture-of-experts bookkeeping ---------------------------------------------------
+
+    def _collect_expert_loads(self) -> torch.Tensor | None:
+        """Tokens each expert got this step, summed over data-parallel ranks [layers, E];
+        resets the layers' counters."""
+        if not self.moe_layers:
+            return None
+        loads = torch.stack([layer.tokens_per_expert for layer in self.moe_layers])
+        for layer in self.moe_layers:
+            layer.tokens_per_expert.zero_()
+        if self.parallel_dims.dp_enabled:
+            dist.all_reduce(loads, group=self.parallel_dims.get_mesh("batch").get_group())
+        return loads
+
+    def _moe_metrics(self, expert_loads: torch.Tensor | None, balance: float) -> dict[str, float]:
+        if expert_loads is None:
+            return {}
+        metrics = {"moe/balance_loss": balance}
+        share = expert_loads / expert_loads.sum(-1, keepdim=True)
+        for i, layer_share in enumerate(share):
+            # max share over the mean share: 1.0 is perfect balance, E is total collapse
+            metrics[f"moe/layer{i}/max_load"] = float(layer_share.max() * len(layer_share))
+        if self.expert_load_log is not None:
+            self.expert_load_log.write(self.step, expert_loads)
+        return metrics
 
     # -- one optimiser step -------------------------------------------------------------
 
@@ -63,21 +105,22 @@ class UnimmTrainer(Trainer):
         return [(base + first_row + i) % (2**63) for i in range(batch_size)]
 
     def _global_counts(self, microbatches) -> torch.Tensor:
-        """Text targets and noised latent elements in the whole global batch: both losses
-        are sums divided by these, so gradients summed over ranks are exact global means."""
+        """Text targets, noised latent elements and positions in the whole global batch: the
+        losses are sums divided by these, so gradients summed over ranks are global means."""
         latent_dim = self.model_config.latent_dim
-        counts = torch.zeros(2, dtype=torch.float64)
+        counts = torch.zeros(3, dtype=torch.float64)
         for inputs, labels in microbatches:
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1] += inputs["denoise"].sum() * latent_dim
+            counts[2] += labels.numel()
         counts = counts.to(self.device)
         if self.parallel_dims.dp_enabled:
             dist.all_reduce(counts, group=self.parallel_dims.get_mesh("batch").get_group())
         return counts.clamp_min(1.0)
 
     def forward_backward_step(self, *, input_dict, labels, counts, micro_index: int) -> torch.Tensor:
-        """Forward and backward of one microbatch; returns [loss, loss_lm, loss_flow] (detached,
-        this rank's share of the global means)."""
+        """Forward and backward of one microbatch; returns [loss, loss_lm, loss_flow,
+        router balance] (detached, this rank's share of the global means)."""
         batch = {k: v.to(self.device) for k, v in input_dict.items()}
         labels = labels.to(self.device)
         self.ntokens_seen += labels.numel()
@@ -90,16 +133,18 @@ class UnimmTrainer(Trainer):
         z_in = torch.where(denoise[..., None], interpolate(latents, eps, t_BL[..., None]), latents)
         lm_positions = labels != IGNORE_INDEX
         with self.train_context():
-            logits, flow_pred = self.model_parts[0](
+            logits, flow_pred, balance = self.model_parts[0](
                 batch["tokens"], z_in, t_BL, batch["modality"], batch["positions"], mask,
                 lm_positions, denoise,
             )
+            # the router term is a mean over tokens: weight it by this microbatch's share
+            balance = balance.mean() * (labels.numel() / counts[2])
             loss, parts = self.loss_fn(
                 logits, labels[lm_positions], flow_pred, latents[denoise], eps[denoise],
-                t_BL[denoise][:, None], counts,
+                t_BL[denoise][:, None], counts, self.router_loss_weight * balance,
             )
             loss.backward()
-        return torch.stack([loss.detach(), parts["loss_lm"], parts["loss_flow"]])
+        return torch.stack([loss.detach(), parts["loss_lm"], parts["loss_flow"], balance.detach()])
 
     def train_step(self, data_iterator):
         self.optimizers.zero_grad()
@@ -110,6 +155,7 @@ class UnimmTrainer(Trainer):
             self.forward_backward_step(input_dict=inputs, labels=labels, counts=counts, micro_index=m)
             for m, (inputs, labels) in enumerate(microbatches)
         )
+        expert_loads = self._collect_expert_loads()
         grad_norm = dist_utils.clip_grad_norm_(
             [p for m in self.model_parts for p in m.parameters()],
             self.config.training.max_norm,
@@ -120,12 +166,14 @@ class UnimmTrainer(Trainer):
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
+        if expert_loads is not None and self.moe_config.load_balance == "bias":
+            update_expert_biases(self.moe_layers, expert_loads)
 
         if not self.metrics_processor.should_log(self.step):
             return
         if self.parallel_dims.dp_enabled:
             dist.all_reduce(losses, group=self.parallel_dims.get_mesh("batch").get_group())
-        loss, loss_lm, loss_flow = losses.tolist()
+        loss, loss_lm, loss_flow, balance = losses.tolist()
         if not math.isfinite(loss):
             raise RuntimeError(
                 f"loss is not finite at step {self.step} (lm {loss_lm}, flow {loss_flow}); stopping"
@@ -141,5 +189,6 @@ class UnimmTrainer(Trainer):
                 "lr": lr,
                 "n_tokens_seen": self.ntokens_seen,
                 **{f"data/{k}": v for k, v in self.dataloader.stats().items()},
+                **self._moe_metrics(expert_loads, balance),
             },
         )

@@ -1,0 +1,180 @@
+"""Fine-grained mixture of experts for the FFN slot (paper §6.1, App. E.7).
+
+Each token runs through ``top_k`` SwiGLU experts of width ``expert_hidden_dim``: its shared
+expert(s) (always active, weight 1) plus the top ``top_k - n_shared`` of the routed experts
+the router picks. All experts of a layer live in three stacked tensors and run as one grouped
+GEMM over token-expert pairs sorted by expert (``unimm.kernels``), so a layer with 1008
+experts is three kernel launches, not 1008 matmuls.
+
+Shared-expert modes (Table 2): ``none``; ``global``: expert 0 serves every token;
+``per_modality``: expert 0 serves text tokens and expert 1 vision tokens.
+Load balancing: a Switch-style auxiliary loss (``aux_loss``), or torchtitan-style
+auxiliary-loss-free biases on the routing scores nudged after every optimiser step (``bias``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torchtitan.protocols.module import Module
+
+from unimm.data.batch import VISION
+from unimm.kernels import swiglu_experts
+from unimm.model.experts import ExpertWeights, expert_backend
+from unimm.model.init import linear_init
+
+SHARED_EXPERTS = {"none": 0, "global": 1, "per_modality": 2}
+
+
+@dataclass(kw_only=True, slots=True)
+class MoEConfig:
+    num_experts: int = 256
+    """All experts of a layer, shared ones included."""
+    top_k: int = 16
+    """Experts each token runs through, its shared expert included."""
+    expert_hidden_dim: int = 512
+    shared: Literal["none", "global", "per_modality"] = "none"
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    load_balance: Literal["aux_loss", "bias", "none"] = "aux_loss"
+    aux_loss_coef: float = 0.01
+    bias_update_rate: float = 1e-3
+    """Step of the aux-loss-free bias update (torchtitan's load_balance_coeff)."""
+    backend: Literal["auto", "triton", "torch_grouped_mm", "loop"] = "auto"
+
+    @property
+    def num_shared(self) -> int:
+        return SHARED_EXPERTS[self.shared]
+
+    @property
+    def num_routed(self) -> int:
+        return self.num_experts - self.num_shared
+
+    @property
+    def routed_top_k(self) -> int:
+        # per_modality keeps two shared experts but each token activates only its own
+        return self.top_k - min(self.num_shared, 1)
+
+    def validate(self) -> None:
+        if self.shared not in SHARED_EXPERTS:
+            raise ValueError(f"moe.shared must be one of {sorted(SHARED_EXPERTS)}, got {self.shared!r}")
+        if not 0 < self.routed_top_k <= self.num_routed:
+            raise ValueError(
+                f"moe.top_k={self.top_k} with shared={self.shared!r} routes {self.routed_top_k} of "
+                f"{self.num_routed} routed experts; need 1 <= routed top-k <= routed experts"
+            )
+
+
+class Router(Module):
+    """Scores routed experts, picks the top k per token, and measures the balance."""
+
+    def __init__(self, dim: int, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.gate = linear_init(dim, config.num_routed, std=0.02)
+        # Aux-loss-free balancing shifts selection only, never the mixing weights.
+        self.register_buffer("expert_bias", torch.zeros(config.num_routed), persistent=True)
+
+    def _init_self_buffers(self, *, buffer_device=None) -> None:
+        self.expert_bias = torch.zeros(self.config.num_routed, device=buffer_device or self.expert_bias.device)
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return routed expert ids [T, k], their mixing weights [T, k] and the aux loss."""
+        logits = self.gate(x_TD).float()
+        if self.config.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        k = self.config.routed_top_k
+        _, experts_Tk = torch.topk(scores + self.expert_bias, k, dim=-1)
+        weights_Tk = scores.gather(-1, experts_Tk)
+        if self.config.score_func == "sigmoid":
+            weights_Tk = weights_Tk / weights_Tk.sum(-1, keepdim=True)
+        return experts_Tk, weights_Tk, self.balance_loss(scores, experts_Tk)
+
+    def balance_loss(self, scores_TE: torch.Tensor, experts_Tk: torch.Tensor) -> torch.Tensor:
+        """Switch/GShard loss E * sum_i f_i * P_i: f_i the share of routing slots expert i
+        took, P_i its mean routing probability. 1.0 when perfectly balanced."""
+        num_routed, (T, k) = scores_TE.shape[-1], experts_Tk.shape
+        slots = torch.bincount(experts_Tk.flatten(), minlength=num_routed).float() / (T * k)
+        probs = scores_TE / scores_TE.sum(-1, keepdim=True)
+        return num_routed * (slots * probs.mean(0)).sum()
+
+
+class MoE(Module):
+    def __init__(self, dim: int, config: MoEConfig, out_std: float):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.router = Router(dim, config)
+        self.experts = ExpertWeights(config.num_experts, dim, config.expert_hidden_dim, out_std)
+        # Tokens each expert (shared ones included) received since the counters were last
+        # read: for the metrics and the aux-loss-free bias update.
+        self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+
+    def _init_self_buffers(self, *, buffer_device=None) -> None:
+        self.tokens_per_expert = torch.zeros(
+            self.config.num_experts, device=buffer_device or self.tokens_per_expert.device
+        )
+
+    def route(self, x_TD: torch.Tensor, modality_T: torch.Tensor):
+        """Expert ids [T, top_k] over all experts, mixing weights [T, top_k], aux loss."""
+        routed_Tk, weights_Tk, aux = self.router(x_TD)
+        routed_Tk = routed_Tk + self.config.num_shared
+        n_shared = self.config.num_shared
+        if n_shared == 0:
+            return routed_Tk, weights_Tk, aux
+        shared_T1 = (modality_T == VISION).long()[:, None] if n_shared == 2 else torch.zeros_like(routed_Tk[:, :1])
+        experts = torch.cat([shared_T1, routed_Tk], dim=1)
+        weights = torch.cat([torch.ones_like(weights_Tk[:, :1]), weights_Tk], dim=1)
+        return experts, weights, aux
+
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        experts_Tk, weights_Tk, aux = self.route(x_TD, modality_BL.reshape(-1))
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(experts_Tk.flatten(), minlength=self.config.num_experts)
+        out_TD = run_experts(self.experts, x_TD, experts_Tk, weights_Tk, expert_backend(self.config.backend, x_TD))
+        return out_TD.reshape(B, L, D), aux
+
+    def inactive_params(self) -> int:
+        inactive_experts = self.config.num_experts - self.config.top_k
+        return inactive_experts * self.experts.params_per_expert()
+
+
+def run_experts(
+    experts: ExpertWeights,
+    x_TD: torch.Tensor,
+    experts_Tk: torch.Tensor,
+    weights_Tk: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """Sort token-expert pairs by expert, run one grouped SwiGLU GEMM, weight and sum back."""
+    T, k = experts_Tk.shape
+    flat_experts = experts_Tk.flatten()
+    order = torch.argsort(flat_experts, stable=True)
+    token_of_pair = order // k
+    counts = torch.bincount(flat_experts, minlength=experts.num_experts)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    y_AD = swiglu_experts(
+        x_TD, experts.w1, experts.w3, experts.w2, offsets, backend=backend, gather_idx=token_of_pair
+    )
+    y_AD = y_AD * weights_Tk.flatten()[order, None].to(y_AD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_AD)
+
+
+
+def moe_layers(model: torch.nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_expert_biases(layers: list[MoE], tokens_per_expert_LE: torch.Tensor) -> None:
+    """Aux-loss-free balancing (torchtitan's rule): raise the bias of under-loaded routed
+    experts and lower it for over-loaded ones by a fixed step, keeping the mean bias at 0."""
+    for layer, load_E in zip(layers, tokens_per_expert_LE):
+        routed = load_E[layer.config.num_shared :].float()
+        delta = layer.config.bias_update_rate * torch.sign(routed.mean() - routed)
+        layer.router.expert_bias += delta - delta.mean()

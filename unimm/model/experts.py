@@ -6,6 +6,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torchtitan.protocols.module import Module
 
 
@@ -27,6 +28,10 @@ class ExpertWeights(Module):
 
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in (self.w1, self.w2, self.w3))
+
+    def local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) as plain tensors: this rank's experts when they are sharded."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
 
 
 def expert_backend(name: str, x: torch.Tensor) -> str:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Literal
 
 import torch
@@ -73,6 +74,12 @@ class ModalityFFN(Module):
 
     def inactive_params(self) -> int:
         return self.experts.params_per_expert()
+
+    @property
+    def routed_experts(self) -> SimpleNamespace:
+        # torchtitan's FSDP helper shards stacked experts along their width (Shard(1)) when
+        # there are fewer experts than ranks: with two experts, Shard(0) would mostly pad.
+        return SimpleNamespace(inner_experts=self.experts)
 
 
 def _moe(dim: int, config: FFNConfig, out_std: float) -> MoE:

@@ -15,9 +15,14 @@ auxiliary-loss-free biases on the routing scores nudged after every optimiser st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
 from torchtitan.protocols.module import Module
 
 from unimm.data.batch import VISION
@@ -130,14 +135,49 @@ class MoE(Module):
         weights = torch.cat([torch.ones_like(weights_Tk[:, :1]), weights_Tk], dim=1)
         return experts, weights, aux
 
+    # Set by ``enable_expert_parallel``: torchtitan's all-to-all token dispatcher.
+    dispatcher: AllToAllTokenDispatcher | None = None
+
+    @property
+    def routed_experts(self) -> SimpleNamespace:
+        # torchtitan's FSDP helper finds expert weights at block.moe.routed_experts.inner_experts
+        # to give them their own shard placement and expert-parallel mesh.
+        return SimpleNamespace(inner_experts=self.experts)
+
+    def enable_expert_parallel(self, ep_mesh: DeviceMesh) -> None:
+        """Shard the experts over ``ep_mesh`` (dim 0) and route tokens to their owners with
+        torchtitan's all-to-all dispatcher. Call on the meta-device model, before FSDP."""
+        if self.config.num_experts % ep_mesh.size():
+            raise ValueError(
+                f"moe.num_experts={self.config.num_experts} must divide by the expert-parallel degree {ep_mesh.size()}"
+            )
+        for name, param in list(self.experts.named_parameters(recurse=False)):
+            sharded = nn.Parameter(distribute_tensor(param, ep_mesh, [Shard(0)]))
+            self.experts.register_parameter(name, sharded)
+        self.dispatcher = AllToAllTokenDispatcher(
+            AllToAllTokenDispatcher.Config(num_experts=self.config.num_experts, top_k=self.config.top_k)
+        )
+        self.dispatcher.wire_meshes(ep_mesh=ep_mesh)
+
     def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         experts_Tk, weights_Tk, aux = self.route(x_TD, modality_BL.reshape(-1))
+        counts_E = torch.bincount(experts_Tk.flatten(), minlength=self.config.num_experts)
         with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(experts_Tk.flatten(), minlength=self.config.num_experts)
-        out_TD = run_experts(self.experts, x_TD, experts_Tk, weights_Tk, expert_backend(self.config.backend, x_TD))
+            self.tokens_per_expert += counts_E
+        backend = expert_backend(self.config.backend, x_TD)
+        if self.dispatcher is None:
+            out_TD = run_experts(self.experts, x_TD, experts_Tk, weights_Tk, backend)
+        else:
+            out_TD = self._run_expert_parallel(x_TD, experts_Tk, weights_Tk, counts_E, backend)
         return out_TD.reshape(B, L, D), aux
+
+    def _run_expert_parallel(self, x_TD, experts_Tk, weights_Tk, counts_E, backend) -> torch.Tensor:
+        routed_RD, counts_e, metadata = self.dispatcher.dispatch(x_TD, weights_Tk, experts_Tk, counts_E)
+        offsets = torch.cumsum(counts_e, 0).to(torch.int32)
+        y_RD = swiglu_experts(routed_RD, *self.experts.local(), offsets, backend=backend)
+        return self.dispatcher.combine(y_RD, metadata, x_TD)
 
     def inactive_params(self) -> int:
         inactive_experts = self.config.num_experts - self.config.top_k
@@ -158,9 +198,7 @@ def run_experts(
     token_of_pair = order // k
     counts = torch.bincount(flat_experts, minlength=experts.num_experts)
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    y_AD = swiglu_experts(
-        x_TD, experts.w1, experts.w3, experts.w2, offsets, backend=backend, gather_idx=token_of_pair
-    )
+    y_AD = swiglu_experts(x_TD, *experts.local(), offsets, backend=backend, gather_idx=token_of_pair)
     y_AD = y_AD * weights_Tk.flatten()[order, None].to(y_AD.dtype)
     return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_AD)
 

@@ -54,6 +54,16 @@ class TransformerBlock(Module):
         self.ffn_norm = rms_norm(config.dim, config.norm_eps)
         self.feed_forward = build_ffn(config.dim, config.ffn, out_std)
 
+    # torchtitan's FSDP helper gives stacked expert weights (MoE, modality FFN) their own
+    # shard placement and, under expert parallelism, their own mesh; it looks for them here.
+    @property
+    def moe_enabled(self) -> bool:
+        return hasattr(self.feed_forward, "routed_experts")
+
+    @property
+    def moe(self) -> Module:
+        return self.feed_forward
+
     def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask):
         """Return the block's output and its FFN's load-balancing loss (0 when not routed)."""
         x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), rope, positions_BL, mask)

@@ -75,10 +75,11 @@ def _use_cpu_when_no_accelerator() -> None:
     import torchtitan.components.metrics as metrics
     import torchtitan.distributed.parallel_dims as parallel_dims
     import torchtitan.distributed.utils as dist_utils
+    import torchtitan.models.common.token_dispatcher as token_dispatcher
     import torchtitan.tools.utils as tools_utils
 
     cpu = _CpuDeviceModule()
-    for module in (tools_utils, metrics, dist_utils):
+    for module in (tools_utils, metrics, dist_utils, token_dispatcher):
         module.device_type, module.device_module = "cpu", cpu
     parallel_dims.device_type = "cpu"
 

@@ -1,8 +1,9 @@
 """Applies activation checkpointing, torch.compile and FSDP2 to the unified model.
 
-The model keeps torchtitan's decoder attribute names (tok_embeddings, layers, norm, lm_head)
-so torchtitan's own FSDP helper shards it: one FSDP unit per block, embeddings and the
-final norm + LM head as their own units, and the visual adapters with the root.
+The model keeps torchtitan's decoder attribute names (tok_embeddings, layers, norm, lm_head,
+block.moe) so torchtitan's own FSDP helper shards it: one FSDP unit per block, embeddings and
+the final norm + LM head as their own units, the visual adapters with the root, and stacked
+expert weights on their own placement (and, with expert parallelism, the expert-FSDP mesh).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
+from unimm.model.moe import MoE
 from unimm.model.transformer import UnimmModel
 from unimm.titan.compat import force_sum_reduction_on_gloo
 
@@ -41,6 +43,13 @@ def parallelize_unimm(
             "unimm needs --parallelism.spmd_backend partial_dtensor (its modules carry no "
             f"sharding annotations for {parallelism.spmd_backend!r})"
         )
+    if parallel_dims.ep_enabled:
+        ep_mesh = parallel_dims.get_mesh("ep")
+        routed = [m for m in model.modules() if isinstance(m, MoE)]
+        if not routed:
+            raise ValueError("--parallelism.expert_parallel_degree > 1 needs a recipe with MoE layers")
+        for moe in routed:
+            moe.enable_expert_parallel(ep_mesh)
     if ac_config is not None:
         ac_config.build(dump_folder=dump_folder).apply(model)
     if compile_config.enable and "model" in compile_config.components:
@@ -55,6 +64,8 @@ def parallelize_unimm(
         pp_enabled=False,
         cpu_offload=training.enable_cpu_offload,
         reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+        ep_degree=parallel_dims.ep,
+        edp_mesh=parallel_dims.get_mesh("efsdp") if parallel_dims.ep_enabled else None,
     )
     force_sum_reduction_on_gloo(model)
     return model

@@ -42,6 +42,7 @@ class UnimmTrainer(Trainer):
         compat.apply()
         model_config = config.model_spec.model
         config.dataloader.latent_dim = model_config.latent_dim
+        config.dataloader.vocab_size = model_config.vocab_size
         super().__init__(config)
         if self.tokenizer.get_vocab_size() > model_config.vocab_size:
             raise ConfigError(

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/unimm train --recipe debug_cpu --steps 300 --out runs/demo
+	$(VENV)/bin/unimm train --recipe debug_cpu --steps 600 --out runs/demo
 
 test: install
 	$(PY) -m pytest -q

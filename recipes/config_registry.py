@@ -20,9 +20,6 @@ from unimm.titan.model_spec import model_registry
 from unimm.titan.model_size import SizedTrainer, sized
 from unimm.titan.trainer import UnimmTrainer
 
-# The paper's mixture by token share (App. E.8); action data joins with the data pipelines.
-PAPER_SOURCE_WEIGHTS = {"text": 0.5, "video": 0.25, "image_text": 0.225}
-
 
 def _checkpoints(interval: int, keep_latest_k: int) -> CheckpointManager.Config:
     # Full state (optimizer and data position too) in every checkpoint, the last one
@@ -39,7 +36,7 @@ def _checkpoints(interval: int, keep_latest_k: int) -> CheckpointManager.Config:
 def _debug(flavor: str) -> UnimmTrainer.Config:
     return UnimmTrainer.Config(
         model_spec=model_registry(flavor),
-        hf_assets_path=".",  # the byte tokenizer needs no files
+        hf_assets_path=".",  # the byte tokenizer (tokenizer.path empty) needs no files
         dump_folder="./runs/debug_cpu",
         optimizer=default_adamw(lr=2e-3, weight_decay=0.01),
         lr_scheduler=LRSchedulersContainer.Config(
@@ -48,7 +45,7 @@ def _debug(flavor: str) -> UnimmTrainer.Config:
         training=TrainingConfig(
             local_batch_size=8,
             seq_len=256,
-            steps=300,
+            steps=600,
             max_norm=1.0,
             mixed_precision_param="float32",
             disable_cuda_graphs=True,
@@ -84,7 +81,7 @@ def _paper(flavor: str) -> UnimmTrainer.Config:
     # sequence 4096, 4 rows per GPU (2M tokens a step on 128 GPUs).
     return UnimmTrainer.Config(
         model_spec=model_registry(flavor),
-        hf_assets_path=".",  # tokenizer files join with the data pipelines
+        hf_assets_path=".",  # the vocabulary comes from --tokenizer.path (e.g. Llama 3's tokenizer.json)
         dump_folder=f"./runs/{flavor}",
         optimizer=default_adamw(lr=3e-4),
         lr_scheduler=LRSchedulersContainer.Config(
@@ -98,7 +95,10 @@ def _paper(flavor: str) -> UnimmTrainer.Config:
         activation_checkpoint=SelectiveAC.Config(),
         checkpoint=_checkpoints(interval=1000, keep_latest_k=3),
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
-        dataloader=MultimodalDataLoader.Config(source_weights=dict(PAPER_SOURCE_WEIGHTS)),
+        # The loader's default source_weights are the paper's token shares (App. E.8) under the
+        # procedural names; a real mixture names its own sources, e.g. {"dclm": 0.5, "video": 0.25,
+        # "metaclip": 0.1125, "sstk": 0.1125, "nwm": 0.0125, "annotated": 0.0125}.
+        dataloader=MultimodalDataLoader.Config(),
         loss=TransfusionLoss.Config(flow=FlowMatchingConfig(shift="rae")),
     )
 
@@ -131,9 +131,11 @@ _register_moe_recipes()
 
 def debug_sweep() -> SizedTrainer.Config:
     """debug_cpu resizable from the command line (``--model_size.*``) for IsoFLOP sweeps on CPU;
-    ``unimm isoflop plan`` writes the sizes, steps and warmup. A 32-wide timestep MLP keeps the
-    visual adapters small beside the smallest models; one checkpoint, at the end."""
+    ``unimm isoflop plan`` writes the sizes, steps and warmup. Batches of 4 rows (more steps
+    for small budgets), a 32-wide timestep MLP to keep the visual adapters small beside the
+    smallest models, and one checkpoint, at the end."""
     base = _debug("debug")
     base.model_spec.model.time_freq_dim = 32
-    base.checkpoint = _checkpoints(interval=1_000_000, keep_latest_k=1)
+    base.training.local_batch_size = 4
+    base.checkpoint = _checkpoints(interval=1_000_000, keep_latest_k=2)
     return sized(base)

@@ -44,12 +44,42 @@ class Attention(Module):
         self.wo = linear_init(n_heads * head_dim, dim, std=init_std)
 
     def forward(
-        self, x_BLD: torch.Tensor, rope: ComplexRoPE, positions_BL: torch.Tensor, mask: AttentionMask
+        self,
+        x_BLD: torch.Tensor,
+        rope: ComplexRoPE,
+        positions_BL: torch.Tensor,
+        mask: AttentionMask,
+        kv_cache: "LayerKVCache | None" = None,
     ) -> torch.Tensor:
+        """With ``kv_cache`` (generation), keys and values of earlier positions come from the
+        cache and ``mask`` is [B, 1, new, cached + new]."""
         q = rearrange(self.wq(x_BLD), "b l (h k) -> b l h k", h=self.n_heads)
         k = rearrange(self.wk(x_BLD), "b l (h k) -> b l h k", h=self.n_kv_heads)
         v = rearrange(self.wv(x_BLD), "b l (h k) -> b h l k", h=self.n_kv_heads)
         q, k = rope(q, k, positions_BL)
-        out_BHLK = attend(q.transpose(1, 2), k.transpose(1, 2), v, mask)
+        k = k.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
+        out_BHLK = attend(q.transpose(1, 2), k, v, mask)
         return self.wo(rearrange(out_BHLK, "b h l k -> b l (h k)"))
+
+
+class LayerKVCache:
+    """Keys and values [B, H_kv, S, K] of the positions generated so far, for one layer.
+
+    ``commit`` is False while a frame is being denoised: each Euler step attends to the
+    cache plus the current noisy frame, and only the finished frame is kept.
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.commit = True
+
+    def extend(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)
+        v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
+        if self.commit:
+            self.k, self.v = k, v
+        return k, v
 

@@ -64,9 +64,9 @@ class TransformerBlock(Module):
     def moe(self) -> Module:
         return self.feed_forward
 
-    def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask):
+    def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask, kv_cache=None):
         """Return the block's output and its FFN's load-balancing loss (0 when not routed)."""
-        x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), rope, positions_BL, mask)
+        x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), rope, positions_BL, mask, kv_cache)
         ffn_BLD, balance = self.feed_forward(self.ffn_norm(x_BLD), modality_BL)
         return x_BLD + ffn_BLD, balance
 
@@ -144,12 +144,14 @@ class UnimmModel(BaseModel):
         vision_BLD = self.latent_proj(latents_BLC.to(text_BLD.dtype)) + self.time_embedding(t_BL)
         return torch.where((modality_BL == VISION)[..., None], vision_BLD, text_BLD)
 
-    def hidden_states(self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask):
-        """Final normed hidden states [B, L, D] and the per-layer balance losses [n_layers]."""
+    def hidden_states(self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask, kv_caches=None):
+        """Final normed hidden states [B, L, D] and the per-layer balance losses [n_layers].
+        ``kv_caches``: one ``LayerKVCache`` per layer when generating incrementally."""
         h_BLD = self.embed(tokens_BL, latents_BLC, t_BL, modality_BL)
         balance = []
-        for layer in self.layers.values():
-            h_BLD, layer_balance = layer(h_BLD, modality_BL, self.rope, positions_BL, mask)
+        for i, layer in enumerate(self.layers.values()):
+            kv_cache = None if kv_caches is None else kv_caches[i]
+            h_BLD, layer_balance = layer(h_BLD, modality_BL, self.rope, positions_BL, mask, kv_cache)
             balance.append(layer_balance)
         return self.norm(h_BLD), torch.stack(balance)
 

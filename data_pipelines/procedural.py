@@ -1,9 +1,12 @@
 """Procedural, download-free samples with exact ground truth (see shared/DATASETS.md).
 
-Three generators: images of 1-3 coloured shapes with a caption, short videos of one shape
-moving at constant velocity and bouncing off the edges, and templated sentences about shapes.
-Every sample is a pure function of (seed, index): the RNG is seeded from both, so sample i does
-not depend on how many samples are generated and a split is reproducible from its seed alone.
+This module holds the shapes, their rendering and three generators: images of 1-3 coloured
+shapes with a caption, short videos of one shape moving at constant velocity and bouncing off
+the edges, and templated sentences about shapes. `reasoning.py` (seed 000's SpatialMap, Grid,
+Ring), `probes.py` (seed 003's counting, diagonal relations, text rendering) and
+`navigation.py` (the action world) build on it. Every sample is a pure function of
+(seed, index): the RNG is seeded from both, so sample i does not depend on how many samples
+are generated and a split is reproducible from its seed alone.
 """
 
 from __future__ import annotations
@@ -50,7 +53,19 @@ DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up"
 EDGES = {"left": "left", "right": "right", "up": "top", "down": "bottom"}
 
 # Distinct stream per kind so that adding images never changes the texts of the same seed.
-_KIND_CODES = {"image_text": 1, "video": 2, "text": 3}
+_KIND_CODES = {
+    "image_text": 1,
+    "video": 2,
+    "text": 3,
+    "navigation": 4,
+    "navigation_map": 5,
+    "spatialmap": 6,
+    "grid": 7,
+    "ring": 8,
+    "counting": 9,
+    "diagonal": 10,
+    "text_rendering": 11,
+}
 # Shapes are drawn at 4x and downsampled: at 32 px an aliased star is not recognisable.
 _SUPERSAMPLE = 4
 
@@ -74,7 +89,25 @@ class SceneObject:
         return asdict(self)
 
 
-def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
+@dataclass(frozen=True)
+class TaskSample:
+    """One question-answering scene in every view DATASETS.md asks for (seed 000's field names).
+
+    Views: understanding [image][question_direct][solution_direct], text-only
+    [question][solution], generation [caption][image]. `answer` is the exact label to score.
+    """
+
+    image: np.ndarray  # uint8 [S, S, 3]
+    question: str  # text version: the scene in words, then the query
+    question_direct: str  # image version: the query, the scene left to the image
+    solution: str
+    solution_direct: str
+    answer: str
+    caption: str  # describes the image, for generation
+    truth: dict  # scene ground truth (objects, positions, program), JSON-ready
+
+
+def sample_rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _KIND_CODES[kind], index])
 
 
@@ -107,10 +140,15 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(objects: list[SceneObject], image_size: int) -> np.ndarray:
-    """Draw objects on a white canvas; returns uint8 [H, W, 3]."""
+def blank(image_size: int) -> np.ndarray:
+    return np.full((image_size, image_size, 3), BACKGROUND, np.uint8)
+
+
+def render(objects: list[SceneObject], image_size: int, background: np.ndarray | None = None) -> np.ndarray:
+    """Draw objects on `background` (default white); returns uint8 [H, W, 3]."""
     s = _SUPERSAMPLE
-    canvas = Image.new("RGB", (image_size * s, image_size * s), BACKGROUND)
+    base = blank(image_size) if background is None else background
+    canvas = Image.fromarray(base).resize((image_size * s, image_size * s), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
         cx, cy, r = obj.centre[0] * s, obj.centre[1] * s, obj.radius * s
@@ -122,14 +160,14 @@ def render(objects: list[SceneObject], image_size: int) -> np.ndarray:
     return np.asarray(canvas.resize((image_size, image_size), Image.LANCZOS), dtype=np.uint8)
 
 
-def _pick_names(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+def pick_names(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
     # Distinct (colour, shape) pairs, so every caption names each object unambiguously.
     colours, shapes = list(COLOURS), list(SHAPES)
     picks = rng.choice(len(colours) * len(shapes), size=count, replace=False)
     return [(colours[int(p) // len(shapes)], shapes[int(p) % len(shapes)]) for p in picks]
 
 
-def _place(rng: np.random.Generator, names: list[tuple[str, str]], image_size: int) -> list[SceneObject]:
+def place(rng: np.random.Generator, names: list[tuple[str, str]], image_size: int) -> list[SceneObject]:
     """Non-overlapping placement by rejection; shrinks the objects if a layout keeps failing."""
     scale = 1.0
     while True:
@@ -156,8 +194,8 @@ def _join(names: list[str]) -> str:
 
 def image_sample(index: int, seed: int, image_size: int = 32) -> dict:
     """1-3 shapes; caption "a red circle and a blue square"."""
-    rng = _rng(seed, "image_text", index)
-    objects = _place(rng, _pick_names(rng, int(rng.integers(1, 4))), image_size)
+    rng = sample_rng(seed, "image_text", index)
+    objects = place(rng, pick_names(rng, int(rng.integers(1, 4))), image_size)
     return {
         "image": render(objects, image_size),
         "caption": _join([o.indefinite for o in objects]),
@@ -167,8 +205,8 @@ def image_sample(index: int, seed: int, image_size: int = 32) -> dict:
 
 def video_sample(index: int, seed: int, image_size: int = 32, num_frames: int = 4) -> dict:
     """One shape moving along a cardinal direction, reflected at the edges."""
-    rng = _rng(seed, "video", index)
-    ((colour, shape),) = _pick_names(rng, 1)
+    rng = sample_rng(seed, "video", index)
+    ((colour, shape),) = pick_names(rng, 1)
     r = float(rng.uniform(0.14, 0.24)) * image_size
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
     speed = float(rng.uniform(0.12, 0.25)) * image_size
@@ -215,8 +253,8 @@ def text_sample(index: int, seed: int) -> dict:
     Relations are computed from the object centres, so a model can only get them right
     consistently by tracking the scene; facts and counts add vocabulary and arithmetic words.
     """
-    rng = _rng(seed, "text", index)
-    objects = _place(rng, _pick_names(rng, int(rng.integers(2, 5))), 100)
+    rng = sample_rng(seed, "text", index)
+    objects = place(rng, pick_names(rng, int(rng.integers(2, 5))), 100)
     sentences = [_relation(a, b) for a, b in zip(objects, objects[1:])]
     if rng.random() < 0.5:
         sentences.append(SHAPE_FACTS[objects[int(rng.integers(len(objects)))].shape])

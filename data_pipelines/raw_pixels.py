@@ -1,7 +1,7 @@
 """The raw-pixel "encoder": non-overlapping p x p patches, flattened, scaled to [-1, 1].
 
-It is the paper's identity baseline among the visual representations (224 px, 14 x 14 patches);
-the frozen encoders (SigLIP, VAEs) will offer the same interface: ``latent_dim``,
+It is the paper's identity baseline among the visual representations (224 px, 14 x 14 patches),
+and offers the interface of every encoder in `encoders.py`: ``image_size``, ``latent_dim``,
 ``tokens_per_frame``, ``encode`` images to [..., N, C] latents, ``decode`` them back.
 """
 

@@ -1,90 +1,185 @@
-"""Write the procedural datasets as webdataset shards plus a manifest.json.
+"""Write procedural datasets as shards: one job folder per source, plus a mixture manifest.
 
-Layout of an output folder::
+    python -m unimm.data_pipelines.write_shards --out DIR --count text=1000 --count image_text=1000 \\
+        --count video=200 --count action=200 --encoder raw_pixels --image-size 32 --patch 8 --seed 0
 
-    manifest.json          latent_dim, tokens_per_frame, encoder, patch, image_size, sources, counts
-    text-000000.tar        {key}.json                     kind "text", field "text"
-    image_text-000000.tar  {key}.json, {key}.latents.npy  kind "image_text", field "caption"; [1, N, C]
-    video-000000.tar       {key}.json, {key}.latents.npy  kind "video", field "caption"; [F, N, C]
+    # seed 000's transfer sets in every view, out-of-distribution split, SigLIP 2 latents
+    python -m unimm.data_pipelines.write_shards --out ood --seed 2 --ood --encoder siglip2 \\
+        --encoder-path weights/siglip2 --count spatialmap_understanding=500 \\
+        --count spatialmap_text=500 --count grid_understanding=500 --count ring_generation=500
 
-Shard paths in the manifest are relative to it, so a folder can be moved or copied whole.
-Latents are stored as float16: raw pixels are k/127.5 - 1, which float16 keeps exactly enough
-to decode back to the same uint8 values, at half the disk of float32.
+Sources (the names --count and the loader's source_weights use):
 
-    python -m unimm.data_pipelines.write_shards --out DIR --num-images 1000 --num-videos 200 \
-        --num-texts 1000 --image-size 32 --patch 8 --seed 0
+    text, image_text, video          procedural.py: sentences, 1-3 shapes with a caption, a moving shape
+    action                           navigation.py: 4 context views, an action, the target view
+    {set}_understanding              image_text, i2t only: [image] question_direct solution_direct
+    {set}_text                       text: question solution
+    {set}_generation                 image_text, t2i only: caption [image]
+      set: spatialmap, grid, ring (reasoning.py), counting, diagonal, text_rendering (probes.py)
+
+DIR/{source}/ holds each source's shards and manifest (see shard_job.py); DIR/manifest.json
+lists them all. Samples are rendered at the encoder's input size, and sample i of a source is
+a pure function of (seed, i): one seed per split (seed 000 uses 4,500 train / 500 test).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import webdataset as wds
-from tqdm import tqdm
-from unimm.data_pipelines import procedural
-from unimm.data_pipelines.raw_pixels import RawPixels
+from unimm.data_pipelines import navigation, probes, procedural, reasoning
+from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoder_spec_from_args
+from unimm.data_pipelines.mix import mix_manifests
+from unimm.data_pipelines.shard_job import Job, Record, ShardTask, cli, run_job
+from unimm.errors import ConfigError
+from unimm.tokenizer import Tokenizer
 
 # Bump when the generators or the layout change, so cached folders from older code are not reused.
-FORMAT_VERSION = 1
+CACHE_VERSION = 2
 
 
-def _text_samples(n: int, seed: int, encoder: RawPixels, frames: int) -> Iterator[dict]:
-    for i in range(n):
-        s = procedural.text_sample(i, seed)
-        yield {
-            "__key__": f"text-{i:08d}",
-            "json": {"kind": "text", "text": s["text"], "objects": [o.to_json() for o in s["objects"]]},
-        }
+@dataclass(frozen=True)
+class RenderSettings:
+    image_size: int
+    video_frames: int = 4
+    ood: bool = False
 
 
-def _image_samples(n: int, seed: int, encoder: RawPixels, frames: int) -> Iterator[dict]:
-    for i in range(n):
-        s = procedural.image_sample(i, seed, encoder.image_size)
-        yield {
-            "__key__": f"image-{i:08d}",
-            "json": {
-                "kind": "image_text",
-                "caption": s["caption"],
-                "objects": [o.to_json() for o in s["objects"]],
-                "image_size": encoder.image_size,
-            },
-            "latents.npy": encoder.encode(s["image"][None]).astype(np.float16),
-        }
+def _text(i: int, seed: int, st: RenderSettings) -> Record:
+    s = procedural.text_sample(i, seed)
+    return Record(f"text-{i:08d}", {"text": s["text"], "objects": [o.to_json() for o in s["objects"]]}, s["text"])
 
 
-def _video_samples(n: int, seed: int, encoder: RawPixels, frames: int) -> Iterator[dict]:
-    for i in range(n):
-        s = procedural.video_sample(i, seed, encoder.image_size, frames)
-        meta = {k: v for k, v in s.items() if k != "frames"}
-        yield {
-            "__key__": f"video-{i:08d}",
-            "json": {"kind": "video", **meta, "image_size": encoder.image_size},
-            "latents.npy": encoder.encode(s["frames"]).astype(np.float16),
-        }
+def _image(i: int, seed: int, st: RenderSettings) -> Record:
+    s = procedural.image_sample(i, seed, st.image_size)
+    meta = {"caption": s["caption"], "objects": [o.to_json() for o in s["objects"]], "image_size": st.image_size}
+    return Record(f"image-{i:08d}", meta, s["caption"], s["image"][None])
 
 
-_GENERATORS: dict[str, Callable[[int, int, RawPixels, int], Iterator[dict]]] = {
-    "text": _text_samples,
-    "image_text": _image_samples,
-    "video": _video_samples,
+def _video(i: int, seed: int, st: RenderSettings) -> Record:
+    s = procedural.video_sample(i, seed, st.image_size, st.video_frames)
+    meta = {k: v for k, v in s.items() if k != "frames"}
+    return Record(f"video-{i:08d}", {**meta, "image_size": st.image_size}, s["caption"], s["frames"])
+
+
+def _action(i: int, seed: int, st: RenderSettings) -> Record:
+    s = navigation.navigation_sample(i, seed, st.image_size)
+    meta = {k: v for k, v in s.items() if k != "frames"}
+    return Record(f"action-{i:08d}", meta, s["action"], s["frames"])
+
+
+TASK_SETS: dict[str, Callable[..., procedural.TaskSample]] = {
+    "spatialmap": reasoning.spatialmap,
+    "grid": reasoning.grid,
+    "ring": reasoning.ring,
+    "counting": probes.counting,
+    "diagonal": probes.diagonal,
+    "text_rendering": probes.text_rendering,
 }
+_OOD_SETS = {"spatialmap", "grid", "ring"}  # seed 003's sets have no OOD split
+VIEWS = {"understanding": ("image_text", ("i2t",)), "text": ("text", ()), "generation": ("image_text", ("t2i",))}
+
+
+def _task_view(i: int, seed: int, st: RenderSettings, *, name: str, view: str) -> Record:
+    kwargs = {"ood": st.ood} if name in _OOD_SETS else {}
+    s = TASK_SETS[name](i, seed, st.image_size, **kwargs)
+    fields = {k: v for k, v in asdict(s).items() if k != "image"}
+    meta = {**fields, "set": name, "view": view, "ood": st.ood}
+    key = f"{name}-{i:08d}"
+    if view == "understanding":
+        return Record(key, meta, f"{s.question_direct}\n{s.solution_direct}", s.image[None])
+    if view == "text":
+        return Record(key, meta, f"{s.question}\n{s.solution}")
+    return Record(key, meta, s.caption, s.image[None])
+
+
+@dataclass(frozen=True)
+class ProceduralSource:
+    kind: str
+    directions: tuple[str, ...]
+    make: Callable[[int, int, RenderSettings], Record]
+
+
+SOURCES: dict[str, ProceduralSource] = {
+    "text": ProceduralSource("text", (), _text),
+    "image_text": ProceduralSource("image_text", ("i2t", "t2i"), _image),
+    "video": ProceduralSource("video", (), _video),
+    "action": ProceduralSource("action", (), _action),
+    **{
+        f"{name}_{view}": ProceduralSource(kind, directions, functools.partial(_task_view, name=name, view=view))
+        for name in TASK_SETS
+        for view, (kind, directions) in VIEWS.items()
+    },
+}
+
+
+def generate(item: tuple[int, int], *, source: str, seed: int, settings: RenderSettings) -> Iterator[Record]:
+    start, stop = item
+    for i in range(start, stop):
+        yield SOURCES[source].make(i, seed, settings)
+
+
+def write_procedural(
+    out: str | Path,
+    counts: dict[str, int],
+    *,
+    encoder: EncoderSpec,
+    tokenizer: Tokenizer.Config,
+    seed: int = 0,
+    video_frames: int = 4,
+    ood: bool = False,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Path:
+    """Every source with a positive count into out/{source}/, then out/manifest.json."""
+    unknown = sorted(set(counts) - set(SOURCES))
+    if unknown:
+        raise ConfigError(f"unknown procedural sources {unknown}; known: {', '.join(SOURCES)}")
+    out = Path(out)
+    settings = RenderSettings(encoder.resolved_image_size, video_frames, ood)
+    folders = []
+    for name, count in counts.items():
+        if count <= 0:
+            continue
+        source = SOURCES[name]
+        ranges = [(s, min(s + samples_per_shard, count)) for s in range(0, count, samples_per_shard)]
+        job = Job(
+            source=name,
+            kind=source.kind,
+            producer=functools.partial(generate, source=name, seed=seed, settings=settings),
+            tokenizer=tokenizer,
+            encoder=None if source.kind == "text" else encoder,
+            directions=source.directions,
+            settings={"procedural": name, "count": count, "seed": seed, **asdict(settings)},
+            device=device,
+            batch_size=batch_size,
+        )
+        run_job(out / name, job, [ShardTask(i, (r,)) for i, r in enumerate(ranges)], workers=workers, progress=progress)
+        folders.append(out / name)
+    return mix_manifests(out, folders)
 
 
 @dataclass(frozen=True)
 class ProceduralSettings:
+    """The default mixture the loader generates when no shards are given."""
+
     num_images: int = 1000
     num_videos: int = 200
     num_texts: int = 1000
+    num_actions: int = 200
     image_size: int = 32
     patch: int = 8
     video_frames: int = 4
@@ -92,51 +187,13 @@ class ProceduralSettings:
     seed: int = 0  # one seed per split (e.g. 0 train, 1 test)
 
 
-def write_procedural_shards(out: str | Path, settings: ProceduralSettings, *, progress: bool = True) -> Path:
-    """Generate everything into `out` (created if needed); returns the manifest path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder = RawPixels(settings.image_size, settings.patch)
-    counts = {"text": settings.num_texts, "image_text": settings.num_images, "video": settings.num_videos}
-    sources: dict[str, list[str]] = {}
-    bar = tqdm(total=sum(counts.values()), desc=f"procedural shards -> {out}", disable=not progress)
-    for kind, count in counts.items():
-        written: list[str] = []
-        if count > 0:  # ShardWriter opens its first tar eagerly; an empty source gets no file
-            pattern = str(out / f"{kind}-%06d.tar")
-            with wds.ShardWriter(
-                pattern, maxcount=settings.samples_per_shard, verbose=0, post=written.append
-            ) as sink:
-                for sample in _GENERATORS[kind](count, settings.seed, encoder, settings.video_frames):
-                    sink.write(sample)
-                    bar.update()
-        sources[kind] = [Path(fname).name for fname in written]
-    bar.close()
-    manifest = {
-        "latent_dim": encoder.latent_dim,
-        "tokens_per_frame": encoder.tokens_per_frame,
-        "encoder": "raw_pixels",
-        "patch": settings.patch,
-        "image_size": settings.image_size,
-        "video_frames": settings.video_frames,
-        "latent_dtype": "float16",
-        "seed": settings.seed,
-        "sources": sources,
-        "counts": counts,
-    }
-    path = out / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
-
-
-def procedural_folder_name(settings: ProceduralSettings) -> str:
-    digest = hashlib.sha256(
-        json.dumps({"format": FORMAT_VERSION, **asdict(settings)}, sort_keys=True).encode()
-    ).hexdigest()
+def procedural_folder_name(settings: ProceduralSettings, tokenizer: Tokenizer) -> str:
+    key = {"format": CACHE_VERSION, **asdict(settings), "tokenizer": tokenizer.fingerprint}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return f"procedural-{digest[:12]}"
 
 
-def ensure_procedural_shards(cache_dir: str | Path, **settings) -> Path:
+def ensure_procedural_shards(cache_dir: str | Path, tokenizer: Tokenizer.Config | None = None, **settings) -> Path:
     """Return a folder with manifest.json for these settings, generating it once.
 
     Generation happens in a private temporary folder that is renamed into place, so readers
@@ -145,14 +202,30 @@ def ensure_procedural_shards(cache_dir: str | Path, **settings) -> Path:
     winner's: the content is identical because generation is deterministic.
     """
     resolved = ProceduralSettings(**settings)  # defaults filled in, so the key does not depend on spelling
+    tokenizer = tokenizer or Tokenizer.Config()
     cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / procedural_folder_name(resolved)
+    final = cache_dir / procedural_folder_name(resolved, Tokenizer(tokenizer))
     if (final / "manifest.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
+    counts = {
+        "text": resolved.num_texts,
+        "image_text": resolved.num_images,
+        "video": resolved.num_videos,
+        "action": resolved.num_actions,
+    }
     try:
-        write_procedural_shards(tmp, resolved, progress=False)
+        write_procedural(
+            tmp,
+            counts,
+            encoder=EncoderSpec("raw_pixels", image_size=resolved.image_size, patch=resolved.patch),
+            tokenizer=tokenizer,
+            seed=resolved.seed,
+            video_frames=resolved.video_frames,
+            samples_per_shard=resolved.samples_per_shard,
+            progress=False,
+        )
         os.rename(tmp, final)
     except OSError as exc:
         # Renaming a directory onto a non-empty one fails: another process got there first.
@@ -163,27 +236,43 @@ def ensure_procedural_shards(cache_dir: str | Path, **settings) -> Path:
     return final
 
 
+def _count(text: str) -> tuple[str, int]:
+    name, _, n = text.partition("=")
+    if not n.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SOURCE=N, got {text!r}")
+    return name, int(n)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    defaults = ProceduralSettings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--num-images", type=int, default=defaults.num_images)
-    parser.add_argument("--num-videos", type=int, default=defaults.num_videos)
-    parser.add_argument("--num-texts", type=int, default=defaults.num_texts)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--patch", type=int, default=defaults.patch)
-    parser.add_argument("--video-frames", type=int, default=defaults.video_frames)
-    parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="one seed per split (e.g. 0 train, 1 test)"
+    parser.add_argument("--count", type=_count, action="append", help="SOURCE=N (repeat); default: the loader's mix")
+    parser.add_argument("--seed", type=int, default=0, help="one seed per split (e.g. 0 train, 1 test)")
+    parser.add_argument("--ood", action="store_true", help="seed 000's out-of-distribution parameters")
+    parser.add_argument("--video-frames", type=int, default=4)
+    parser.add_argument("--tokenizer", default="", help="sentencepiece .model or tokenizer.json; empty: bytes")
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--workers", type=int, default=1)
+    add_encoder_arguments(parser)
+    args = parser.parse_args(argv)
+    defaults = ProceduralSettings()
+    counts = dict(args.count or [("text", defaults.num_texts), ("image_text", defaults.num_images),
+                                 ("video", defaults.num_videos), ("action", defaults.num_actions)])
+    manifest = write_procedural(
+        args.out,
+        counts,
+        encoder=encoder_spec_from_args(args),
+        tokenizer=Tokenizer.Config(path=args.tokenizer),
+        seed=args.seed,
+        video_frames=args.video_frames,
+        ood=args.ood,
+        samples_per_shard=args.per_shard,
+        workers=args.workers,
+        device=args.device,
+        batch_size=args.batch_size,
     )
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    manifest = write_procedural_shards(out, ProceduralSettings(**args))
     print(f"wrote {manifest}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

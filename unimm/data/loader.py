@@ -1,4 +1,4 @@
-"""The train-time loader: weighted source mixture -> documents -> packed rows -> batches.
+"""The train-time loader: source mixture by token share -> documents -> packed rows -> batches.
 
 Determinism and sharding contract. The data is cut into `num_streams` independent streams
 (0 means one per data-parallel rank). Stream s has its own RNG seeded from (seed, s), its own
@@ -6,14 +6,39 @@ readers (shards or records with index % num_streams == s, endless, reshuffled ev
 its own packer. Rank r of W owns streams [r*S/W, (r+1)*S/W); a local batch stacks
 local_batch_size/(S/W) consecutive rows of each owned stream, in stream order. So the global
 batch depends on (seed, S, global batch size) and not on how many ranks share it: 1 rank with
-local batch 2b and 2 streams sees what 2 ranks with local batch b see together.
+local batch 2b and 2 streams sees what 2 ranks with local batch b see together. Nodes need no
+separate split: ranks are global, so every shard (or record) belongs to exactly one stream.
 
-Exact resume: every stream's reader positions, RNG state and packer carry-over are in the
-dataset's state_dict, which torchdata's StatefulDataLoader saves between batches.
+Mixture by token share. `source_weights` are target shares of the positions documents occupy
+(paper App. E.8: 50% text, 25% video, 22.5% image-text, 2.5% action), not of documents: a
+video clip is hundreds of positions, a caption pair a few dozen. Each stream draws the next
+document's source with probability proportional to its deficit over a look-ahead window,
+max(w_s * (T + H) - t_s, 0), where t_s counts the positions source s has contributed, T their
+sum and H = MIXTURE_LOOKAHEAD_ROWS * seq_len. A source behind its share is drawn more often,
+one ahead by more than w_s * H not at all, so every share stays within about H / T of its
+target whatever the document lengths, while the order stays random. The counts are stream
+state, so a resumed run continues the same draws.
+
+Bad data never stops a run and never passes silently: a sample that fails `shards.decode_sample`,
+unreadable tar data, and a document longer than a row are skipped, logged with shard and key,
+and counted per source (``data/bad_samples/SOURCE``, ``data/read_errors/SOURCE``,
+``data/too_long/SOURCE`` in the metrics). Once a source has shown MIN_SAMPLES_FOR_BAD_FRACTION
+samples on a stream, more than `max_bad_fraction` of them bad raises a DataError naming it.
+
+Exact resume: every stream's reader positions, RNG state, per-source counts and packer
+carry-over are in the dataset's state_dict, which torchdata's StatefulDataLoader saves between
+batches.
+
+Worker processes: the loader runs in the training process (num_workers = 0). Workers would each
+build whole batches from a subset of the streams, so the global batch would depend on the
+worker count, and they are not needed: docs/benchmarks.md measures one process packing the
+paper's batches (4 x 4096 positions, SigLIP 2 latents) about 4x faster than an H100 consumes
+them (tools/bench_loader.py).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,22 +49,26 @@ import torch
 from torch.utils.data import IterableDataset
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
-from unimm.data.packer import Packer, Row
-from unimm.errors import ConfigError
-from unimm.data.sequences import Document, SpecialTokens, build_document
-from unimm.data.shards import Manifest, ShardCursor, load_manifest
+from unimm.data.packer import Packer, Row, empty_rows
+from unimm.data.sequences import Document, LayoutSettings, SpecialTokens, build_document
+from unimm.data.shards import Manifest, SampleSpec, ShardCursor, load_manifest
 from unimm.data_pipelines.write_shards import ensure_procedural_shards
+from unimm.errors import ConfigError, DataError
+from unimm.tokenizer import Tokenizer
 
-# Per-document sampling probabilities (paper E.8 mixes 50% text, 25% video, 22.5% image-text
-# and 2.5% action data; action data has no procedural source yet).
-DEFAULT_SOURCE_WEIGHTS = {"text": 0.5, "image_text": 0.25, "video": 0.25}
+logger = logging.getLogger(__name__)
+
+# Token shares of the paper's mixture (App. E.8), under the procedural sources' names.
+DEFAULT_SOURCE_WEIGHTS = {"text": 0.5, "video": 0.25, "image_text": 0.225, "action": 0.025}
+MIXTURE_LOOKAHEAD_ROWS = 4
+MIN_SAMPLES_FOR_BAD_FRACTION = 200
 _SPECIAL_IDS = ("pad_id", "bos_id", "eos_id", "boi_id", "eoi_id")
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 class _Stream:
-    """One deterministic stream: its RNG, one reader per source and a packer."""
+    """One deterministic stream: its RNG, one reader per source, the mixture counts, a packer."""
 
     def __init__(
         self,
@@ -51,49 +80,67 @@ class _Stream:
         seed: int,
         tokenizer: SpecialTokens,
         seq_len: int,
-        p_understanding: float,
-        cond_dropout: float,
+        spec: SampleSpec,
+        layout: LayoutSettings,
+        max_bad_fraction: float,
     ) -> None:
         self.index = index
         self.rng = np.random.default_rng([seed, index])
         self._names = sorted(weights)  # sorted: the draw must not depend on config dict order
-        probs = np.array([weights[n] for n in self._names], dtype=np.float64)
-        self._cumulative = np.cumsum(probs / probs.sum())
+        targets = np.array([weights[n] for n in self._names], dtype=np.float64)
+        self._targets = targets / targets.sum()
+        self._lookahead = MIXTURE_LOOKAHEAD_ROWS * seq_len
         self.cursors = {
             name: ShardCursor(
-                name,
-                manifest.sources[name],
-                stream=index,
-                num_streams=num_streams,
-                seed=seed,
-                tokens_per_frame=manifest.tokens_per_frame,
-                latent_dim=manifest.latent_dim,
+                name, manifest.sources[name], stream=index, num_streams=num_streams, seed=seed, spec=spec
             )
             for name in self._names
         }
-        self.packer = Packer(seq_len, manifest.latent_dim, tokenizer.pad_id)
-        self._tokenizer, self._latent_dim = tokenizer, manifest.latent_dim
-        self._p_understanding, self._cond_dropout = p_understanding, cond_dropout
+        self.packer = Packer(seq_len, spec.latent_dim, tokenizer.pad_id)
+        self._tokenizer, self._seq_len, self._latent_dim = tokenizer, seq_len, spec.latent_dim
+        self._layout, self._max_bad_fraction = layout, max_bad_fraction
         self.rows = 0
         self.documents: Counter[str] = Counter()
+        self.positions: Counter[str] = Counter()
+        self.too_long: Counter[str] = Counter()
+
+    def _pick_source(self) -> str:
+        counts = np.array([self.positions[n] for n in self._names], dtype=np.float64)
+        deficit = np.maximum(self._targets * (counts.sum() + self._lookahead) - counts, 0.0)
+        cumulative = np.cumsum(deficit)  # the deficits sum to the look-ahead, so never all zero
+        pick = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        return self._names[min(pick, len(self._names) - 1)]
+
+    def _check_bad_fraction(self, name: str) -> None:
+        counters = self.cursors[name].counters
+        seen = counters["samples"] + counters["bad_samples"]
+        bad = counters["bad_samples"] + counters["read_errors"] + self.too_long[name]
+        if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and bad > self._max_bad_fraction * seen:
+            raise DataError(
+                f"source {name!r}, stream {self.index}: {bad} bad of {seen} samples ({bad / seen:.1%}) exceeds "
+                f"dataloader.max_bad_fraction={self._max_bad_fraction} (the warnings name each shard and key)"
+            )
 
     def _next_document(self) -> Document:
-        pick = int(np.searchsorted(self._cumulative, self.rng.random(), side="right"))
-        name = self._names[min(pick, len(self._names) - 1)]
-        sample = self.cursors[name].next()
-        self.documents[sample["kind"]] += 1
-        return build_document(
-            sample,
-            self._tokenizer,
-            self.rng,
-            latent_dim=self._latent_dim,
-            p_understanding=self._p_understanding,
-            cond_dropout=self._cond_dropout,
-        )
+        while True:
+            name = self._pick_source()
+            sample = self.cursors[name].next()
+            doc = build_document(sample, self._tokenizer, self.rng, latent_dim=self._latent_dim, layout=self._layout)
+            if len(doc) <= self._seq_len:
+                self.documents[name] += 1
+                self.positions[name] += len(doc)
+                self._check_bad_fraction(name)
+                return doc
+            self.too_long[name] += 1
+            logger.warning(
+                "skipping sample %r in shard %s: its document of %d positions exceeds seq_len %d",
+                sample["key"], sample["shard"], len(doc), self._seq_len,
+            )
+            self._check_bad_fraction(name)
 
-    def next_row(self) -> Row:
+    def next_row(self, out: Row) -> None:
         self.rows += 1
-        return self.packer.next_row(self._next_document)
+        self.packer.next_row(self._next_document, out)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +149,8 @@ class _Stream:
             "packer": self.packer.state_dict(),
             "rows": self.rows,
             "documents": dict(self.documents),
+            "positions": dict(self.positions),
+            "too_long": dict(self.too_long),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -114,7 +163,23 @@ class _Stream:
         for name, cursor_state in state["cursors"].items():
             self.cursors[name].load_state_dict(cursor_state)
         self.packer.load_state_dict(state["packer"])
-        self.rows, self.documents = state["rows"], Counter(state["documents"])
+        self.rows = state["rows"]
+        self.documents, self.positions = Counter(state["documents"]), Counter(state["positions"])
+        self.too_long = Counter(state["too_long"])
+
+
+def check_tokenizer(manifest: Manifest, tokenizer: Tokenizer) -> None:
+    """Shards hold token ids: they are only meaningful with the tokenizer that wrote them."""
+    missing = [n for n in _SPECIAL_IDS if getattr(tokenizer, n, None) is None]
+    if missing:
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} lacks special token ids {missing}")
+    written = manifest.info["tokenizer"]
+    if written["fingerprint"] != tokenizer.fingerprint:
+        raise ConfigError(
+            f"{manifest.path}: shards were tokenised with {written['kind']} tokenizer {written['path']!r} "
+            f"(fingerprint {written['fingerprint']}), but the run uses {tokenizer.vocabulary.kind} "
+            f"{tokenizer.config.path!r} ({tokenizer.fingerprint}): set --tokenizer.path to the shards' tokenizer"
+        )
 
 
 class PackedMultimodalDataset(IterableDataset):
@@ -124,7 +189,7 @@ class PackedMultimodalDataset(IterableDataset):
         self,
         *,
         manifest: Manifest,
-        tokenizer: SpecialTokens,
+        tokenizer: Tokenizer,
         seq_len: int,
         local_batch_size: int,
         dp_rank: int = 0,
@@ -132,8 +197,9 @@ class PackedMultimodalDataset(IterableDataset):
         num_streams: int = 0,
         seed: int = 0,
         source_weights: dict[str, float] | None = None,
-        p_understanding: float = 0.5,
-        cond_dropout: float = 0.1,
+        layout: LayoutSettings = LayoutSettings(),
+        normalize_latents: bool = True,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         num_streams = num_streams or dp_world_size
         if num_streams % dp_world_size:
@@ -146,12 +212,21 @@ class PackedMultimodalDataset(IterableDataset):
                 f"local_batch_size {local_batch_size} is not divisible by the {per_rank} streams "
                 f"of each rank (num_streams {num_streams} / dp world size {dp_world_size})"
             )
-        missing = [n for n in _SPECIAL_IDS if getattr(tokenizer, n, None) is None]
-        if missing:
-            raise ConfigError(f"tokenizer {type(tokenizer).__name__} lacks special token ids {missing}")
+        if not 0 <= max_bad_fraction < 1:
+            raise ConfigError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
+        check_tokenizer(manifest, tokenizer)
+        if normalize_latents and manifest.latent_dim and manifest.normalizer is None:
+            raise ConfigError(f"{manifest.path} has no normalization statistics (set normalize_latents false)")
         weights = _check_weights(source_weights or DEFAULT_SOURCE_WEIGHTS, manifest)
+        spec = SampleSpec(
+            tokens_per_frame=manifest.tokens_per_frame,
+            latent_dim=manifest.latent_dim,
+            vocab_size=tokenizer.get_vocab_size(),
+            normalizer=manifest.normalizer if normalize_latents else None,
+        )
         self.num_streams = num_streams
         self.rows_per_stream = local_batch_size // per_rank
+        self._seq_len, self._latent_dim, self._pad_id = seq_len, spec.latent_dim, tokenizer.pad_id
         self.streams = [
             _Stream(
                 s,
@@ -161,15 +236,18 @@ class PackedMultimodalDataset(IterableDataset):
                 seed=seed,
                 tokenizer=tokenizer,
                 seq_len=seq_len,
-                p_understanding=p_understanding,
-                cond_dropout=cond_dropout,
+                spec=spec,
+                layout=layout,
+                max_bad_fraction=max_bad_fraction,
             )
             for s in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         ]
 
     def next_batch(self) -> Batch:
-        rows = [stream.next_row() for stream in self.streams for _ in range(self.rows_per_stream)]
-        fields = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+        batch = empty_rows(len(self.streams) * self.rows_per_stream, self._seq_len, self._latent_dim, self._pad_id)
+        for i in range(len(self.streams) * self.rows_per_stream):
+            self.streams[i // self.rows_per_stream].next_row({k: v[i] for k, v in batch.items()})
+        fields = {k: torch.from_numpy(v) for k, v in batch.items()}
         labels = fields.pop("labels")
         return fields, labels
 
@@ -195,16 +273,21 @@ class PackedMultimodalDataset(IterableDataset):
             stream.load_state_dict(state["streams"][str(stream.index)])
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over this rank's streams, flat so they can go straight to a metrics logger."""
+        """Counters summed over this rank's streams, flat so they can go straight to a metrics
+        logger: totals, and per source ``documents/S``, ``positions/S``, ``samples/S``,
+        ``bad_samples/S``, ``read_errors/S``, ``too_long/S``."""
         out: Counter[str] = Counter()
         for stream in self.streams:
             out["rows"] += stream.rows
             out["padding_positions"] += stream.packer.padding
-            out["too_long_documents"] += stream.packer.too_long
-            for kind, n in stream.documents.items():
-                out[f"documents/{kind}"] += n
             for name, cursor in stream.cursors.items():
-                for key, n in cursor.counters.items():
+                counts = {
+                    **cursor.counters,
+                    "documents": stream.documents[name],
+                    "positions": stream.positions[name],
+                    "too_long": stream.too_long[name],
+                }
+                for key, n in counts.items():
                     out[f"{key}/{name}"] += n
                     out[key] += n
         return dict(out)
@@ -234,7 +317,7 @@ class MultimodalDataLoader(ParallelAwareDataloader):
 
     Built by the trainer with ``config.dataloader.build(dp_world_size=..., dp_rank=...,
     tokenizer=..., seq_len=..., local_batch_size=..., snapshot_every_n_steps=...)`` after it has
-    copied the model's latent width into ``config.dataloader.latent_dim``.
+    copied the model's latent width and vocabulary size into the config.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -249,18 +332,31 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         num_images: int = 4096
         num_videos: int = 1024
         num_texts: int = 4096
+        num_actions: int = 512
         samples_per_shard: int = 256
         procedural_seed: int = 0
         """Seed of the generated split; `seed` below only orders and mixes it."""
 
         source_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
-        """Probability of drawing each source's next document (normalised)."""
+        """Target share of the document positions from each source (normalised); a weight of 0
+        drops a source. The command line re-weights the sources named here
+        (--dataloader.source_weights.text 0.6); a mixture with other source names (dclm,
+        metaclip, ...) sets this dict in its recipe."""
 
         p_understanding: float = 0.5
-        """Probability that an image-text pair is laid out image-first (captioning)."""
+        """Probability that an image-text pair allowing both directions is laid out image-first."""
 
         cond_dropout: float = 0.1
-        """Probability that a generation caption is dropped (classifier-free guidance)."""
+        """Probability that a caption or action is dropped (classifier-free guidance)."""
+
+        noised_action_context: bool = False
+        """Noise the context frames of action samples too (see sequences.py); default clean."""
+
+        normalize_latents: bool = True
+        """Hand the model (latents - mean) / std with the manifest's per-channel statistics."""
+
+        max_bad_fraction: float = 0.01
+        """Fail when more than this fraction of a source's samples is bad (see loader.py)."""
 
         seed: int = 0
         num_streams: int = 0
@@ -270,13 +366,26 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         latent_dim: int = 0
         """Latent width C the model expects; the trainer sets it from the model config."""
 
-        def prepare(self, seq_len: int) -> Manifest:
-            """Find (or generate) the shards and check them against the model and seq_len.
+        vocab_size: int = 0
+        """The model's vocabulary size; the trainer sets it from the model config."""
 
-            Called once before launch by `unimm train` and again by each rank's loader.
+        def bind_model(self, model_config) -> None:
+            """Take the latent width and vocabulary the shards must fit from the model."""
+            self.latent_dim, self.vocab_size = model_config.latent_dim, model_config.vocab_size
+
+        def prepare(self, seq_len: int, tokenizer: Tokenizer) -> Manifest:
+            """Find (or generate) the shards and check them against the model, the tokenizer
+            and seq_len. Called once before launch by `unimm train` and again by each rank's loader.
             """
-            if self.latent_dim <= 0:
-                raise ConfigError("dataloader.latent_dim is unset: the trainer copies the model's latent width into it")
+            if self.latent_dim <= 0 or self.vocab_size <= 0:
+                raise ConfigError(
+                    "dataloader.latent_dim / vocab_size are unset: the trainer copies the model's values into them"
+                )
+            if tokenizer.get_vocab_size() > self.vocab_size:
+                raise ConfigError(
+                    f"tokenizer {tokenizer.config.path or 'bytes'!r} has {tokenizer.get_vocab_size()} ids "
+                    f"(with its special tokens) but the model's vocabulary is {self.vocab_size}"
+                )
             if not self.shards:
                 procedural_dim = 3 * self.patch * self.patch
                 if procedural_dim != self.latent_dim:
@@ -285,9 +394,10 @@ class MultimodalDataLoader(ParallelAwareDataloader):
                         f"{procedural_dim}) would be used, but the model expects latent width {self.latent_dim}: "
                         "pass --dataloader.shards DIR (a folder with manifest.json)"
                     )
-            manifest = load_manifest(_shard_folder(self), self.latent_dim)
+            manifest = load_manifest(_shard_folder(self, tokenizer), self.latent_dim)
+            check_tokenizer(manifest, tokenizer)
             shortest_image_document = manifest.tokens_per_frame + 4  # <bos> <boi> patches <eoi> <eos>
-            if shortest_image_document > seq_len:
+            if manifest.tokens_per_frame and shortest_image_document > seq_len:
                 raise ConfigError(
                     f"training.seq_len={seq_len} cannot hold one image: {manifest.path} has "
                     f"{manifest.tokens_per_frame} patches per frame, plus 4 special tokens"
@@ -300,20 +410,14 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         *,
         dp_world_size: int,
         dp_rank: int,
-        tokenizer: SpecialTokens,
+        tokenizer: Tokenizer,
         seq_len: int,
         local_batch_size: int,
         snapshot_every_n_steps: int | None = 1,
     ) -> None:
-        if config.latent_dim <= 0:
-            raise ConfigError(
-                "dataloader latent_dim is unset: the trainer must copy the model's latent width into it"
-            )
         if config.num_workers:
-            # A batch takes rows from every stream of the rank; workers would each build whole
-            # batches from a subset of streams and break the global-batch contract.
-            raise ConfigError("the multimodal loader runs in the training process: set num_workers = 0")
-        self.manifest = config.prepare(seq_len)
+            raise ConfigError("the multimodal loader runs in the training process: set num_workers = 0 (see loader.py)")
+        self.manifest = config.prepare(seq_len, tokenizer)
         dataset = PackedMultimodalDataset(
             manifest=self.manifest,
             tokenizer=tokenizer,
@@ -324,8 +428,9 @@ class MultimodalDataLoader(ParallelAwareDataloader):
             num_streams=config.num_streams,
             seed=config.seed,
             source_weights=config.source_weights,
-            p_understanding=config.p_understanding,
-            cond_dropout=config.cond_dropout,
+            layout=LayoutSettings(config.p_understanding, config.cond_dropout, config.noised_action_context),
+            normalize_latents=config.normalize_latents,
+            max_bad_fraction=config.max_bad_fraction,
         )
         super().__init__(
             dataset,
@@ -341,14 +446,16 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         return self.dataset.stats()
 
 
-def _shard_folder(config: MultimodalDataLoader.Config) -> Path:
+def _shard_folder(config: MultimodalDataLoader.Config, tokenizer: Tokenizer) -> Path:
     if config.shards:
         return Path(config.shards).expanduser()
     return ensure_procedural_shards(
         config.cache_dir,
+        tokenizer.config,
         num_images=config.num_images,
         num_videos=config.num_videos,
         num_texts=config.num_texts,
+        num_actions=config.num_actions,
         image_size=config.image_size,
         patch=config.patch,
         video_frames=config.video_frames,

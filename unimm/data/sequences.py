@@ -7,9 +7,21 @@ Formats (<boi>/<eoi> are text positions; the N patches of a frame are VISION pos
       with caption dropped    [bos] [boi] latents [eoi] [eos]             (for classifier-free guidance)
     image_text, understanding [bos] [boi] latents [eoi] caption [eos]     latents clean
     video                     [bos] caption [boi] f1 [eoi] [boi] f2 [eoi] ... [eos], every frame denoised
+    action                    [bos] [boi] c1 [eoi] ... [boi] ck [eoi] action [boi] r1 [eoi] ... [eos]
 
-Video captions are dropped with the same `cond_dropout` as image captions: frame generation
-is guided by its caption in the same way and needs the same unconditional branch.
+An image-text sample is laid out in a direction its source allows (the sample's
+``directions``): captioning only, generation only, or either, chosen with `p_understanding`.
+
+Action samples (NWM: 4 context frames and 1 target; annotated video: 1-4 and 1-4): result
+frames are denoised, each with its own noise level (diffusion forcing, as for video frames).
+Context frames stay clean by default: the task is State_t + Action -> State_t+1 (paper §5),
+and at rollout time the context is given (real frames, or frames the model already finished
+denoising), so clean context matches inference and puts the whole flow loss on the prediction.
+`noised_action_context` instead noises them too, with independent levels, as pure diffusion
+forcing does, trading that match for robustness to imperfect context.
+
+Captions, video captions and actions are dropped with `cond_dropout`: every generation
+condition needs the same unconditional branch for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -28,8 +40,6 @@ class SpecialTokens(Protocol):
     eos_id: int
     boi_id: int
     eoi_id: int
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -57,7 +67,8 @@ def next_token_labels(tokens: np.ndarray, modality: np.ndarray) -> np.ndarray:
     return labels
 
 
-Segment = list[int] | tuple[np.ndarray, bool]  # text ids, or one frame: (latents [N, C], denoise)
+# Text ids (a list or an int array), or one frame: (latents [N, C], denoise).
+Segment = list[int] | np.ndarray | tuple[np.ndarray, bool]
 
 
 def assemble(segments: list[Segment], pad_id: int, latent_dim: int) -> Document:
@@ -91,28 +102,51 @@ def assemble(segments: list[Segment], pad_id: int, latent_dim: int) -> Document:
     )
 
 
+def _frames(latents: np.ndarray, denoise: bool, tk: SpecialTokens) -> list[Segment]:
+    segments: list[Segment] = []
+    for frame in latents:
+        segments += [[tk.boi_id], (frame, denoise), [tk.eoi_id]]
+    return segments
+
+
+@dataclass(frozen=True)
+class LayoutSettings:
+    """How samples become documents; the loader config's fields of the same names."""
+
+    p_understanding: float = 0.5
+    cond_dropout: float = 0.1
+    noised_action_context: bool = False
+
+
 def build_document(
     sample: dict[str, Any],
     tokenizer: SpecialTokens,
     rng: np.random.Generator,
     *,
     latent_dim: int,
-    p_understanding: float = 0.5,
-    cond_dropout: float = 0.1,
+    layout: LayoutSettings = LayoutSettings(),
 ) -> Document:
-    """Format one sample from `unimm.data.shards`; `rng` decides direction and caption dropout."""
-    tk = tokenizer
-    kind = sample["kind"]
+    """Format one sample from `unimm.data.shards`; `rng` decides direction and dropout."""
+    tk, kind = tokenizer, sample["kind"]
+    ids, latents = sample["tokens"], sample["latents"]
     if kind == "text":
-        return assemble([[tk.bos_id, *tk.encode(sample["text"]), tk.eos_id]], tk.pad_id, latent_dim)
-    caption = tk.encode(sample["caption"])
-    latents = sample["latents"]
-    if kind == "image_text" and rng.random() < p_understanding:
-        understanding: list[Segment] = [[tk.bos_id, tk.boi_id], (latents[0], False)]
-        return assemble(understanding + [[tk.eoi_id, *caption, tk.eos_id]], tk.pad_id, latent_dim)
-    if rng.random() < cond_dropout:
-        caption = []
-    segments: list[Segment] = [[tk.bos_id, *caption, tk.boi_id]]
-    for i, frame in enumerate(latents):
-        segments += [(frame, True), [tk.eoi_id] + ([tk.boi_id] if i + 1 < len(latents) else [tk.eos_id])]
+        return assemble([[tk.bos_id], ids, [tk.eos_id]], tk.pad_id, latent_dim)
+    if kind == "image_text":
+        directions = sample["directions"]
+        both = len(directions) == 2
+        if (both and rng.random() < layout.p_understanding) or directions == ["i2t"]:
+            segments = [[tk.bos_id], *_frames(latents, False, tk), ids, [tk.eos_id]]
+            return assemble(segments, tk.pad_id, latent_dim)
+    condition = ids[:0] if rng.random() < layout.cond_dropout else ids
+    if kind == "action":
+        k = sample["num_context"]
+        segments = [
+            [tk.bos_id],
+            *_frames(latents[:k], layout.noised_action_context, tk),
+            condition,
+            *_frames(latents[k:], True, tk),
+            [tk.eos_id],
+        ]
+    else:  # image_text generation, video
+        segments = [[tk.bos_id], condition, *_frames(latents, True, tk), [tk.eos_id]]
     return assemble(segments, tk.pad_id, latent_dim)

@@ -1,12 +1,15 @@
-"""Reading webdataset shards written by `unimm.data_pipelines.write_shards`.
+"""Reading webdataset shards written by `unimm.data_pipelines` (layout in shard_job.py).
 
-A sample is one `{key}.json` (``kind`` plus ``text`` or ``caption`` and metadata) and, for
-visual kinds, one `{key}.latents.npy` of shape [F, N, C]. Samples come out as plain dicts:
-the json's fields plus ``key``, ``shard`` and ``latents`` (float32, or None for text).
+A sample is one `{key}.json` (``kind``, ground truth, provenance), one `{key}.tokens.npy`
+(ids of the sample's text field) and, for visual kinds, one `{key}.latents.npy` [F, N, C].
+Samples come out as plain dicts: the json's fields plus ``key``, ``shard``, ``tokens`` (int64)
+and ``latents`` (float32, per-channel normalised when the spec says so; None for text).
 
-Bad data must not stop a long run: a sample with a missing part, undecodable content or
-latents of the wrong shape is skipped, counted and logged with its shard and key; a shard
-that cannot be read to its end is logged and left at the point of failure.
+Bad data must not stop a long run: a sample with a missing part, undecodable content, token
+ids outside the vocabulary, an empty text where the kind needs one, latents of the wrong
+shape or non-finite latents is skipped, counted and logged with its shard and key; a shard
+that cannot be read to its end is logged and left at the point of failure. The loader turns
+a flood of such samples into an error (`max_bad_fraction`).
 
 webdataset keeps no resumable position (shared/FINDINGS.md), so `ShardCursor` keeps its own:
 (epoch, shard in this epoch's order, records consumed in that shard). Resuming reopens the
@@ -26,21 +29,27 @@ from typing import Any, BinaryIO
 import numpy as np
 from webdataset.autodecode import basichandlers
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from unimm.data.latent_stats import ChannelStats, LatentNormalizer, to_float32
 from unimm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("text", "image_text", "video")
-TEXT_FIELD = {"text": "text", "image_text": "caption", "video": "caption"}
+KINDS = ("text", "image_text", "video", "action")
+DIRECTIONS = ("i2t", "t2i")
+# The text a kind cannot do without (raw video may come without captions).
+TEXT_REQUIRED = {"text": "text", "image_text": "caption", "action": "action"}
+MANIFEST_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class Manifest:
     path: Path
-    latent_dim: int
-    tokens_per_frame: int
+    latent_dim: int  # 0 for a text-only folder
+    tokens_per_frame: int  # 0 for a text-only folder
     sources: dict[str, list[Path]]  # absolute shard paths per source
-    info: dict[str, Any]  # the whole manifest.json, for encoder settings etc.
+    info: dict[str, Any]  # the whole manifest.json: encoder, tokenizer, per-source counts
+    normalizer: LatentNormalizer | None  # from the stored per-channel statistics
 
 
 def load_manifest(folder: str | Path, expected_latent_dim: int) -> Manifest:
@@ -49,56 +58,94 @@ def load_manifest(folder: str | Path, expected_latent_dim: int) -> Manifest:
     if not path.is_file():
         raise ConfigError(f"no manifest.json in {path.parent} (dataloader.shards must name a folder written by data_pipelines)")
     info = json.loads(path.read_text())
-    missing = {"latent_dim", "tokens_per_frame", "sources"} - info.keys()
+    if info.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{path}: manifest format {info.get('format')}, this code reads {MANIFEST_FORMAT} (regenerate the shards)")
+    missing = {"latent_dim", "tokens_per_frame", "sources", "tokenizer", "normalization"} - info.keys()
     if missing:
         raise ConfigError(f"{path}: missing fields {sorted(missing)}")
-    if info["latent_dim"] != expected_latent_dim:
+    latent_dim = info["latent_dim"] or 0
+    if latent_dim and latent_dim != expected_latent_dim:
+        encoder = (info.get("encoder") or {}).get("name", "?")
         raise ConfigError(
-            f"{path}: latent_dim is {info['latent_dim']} but the model expects {expected_latent_dim} "
-            f"(encoder {info.get('encoder', '?')!r}; regenerate the shards or change the model's "
-            "latent width)"
+            f"{path}: latent_dim is {latent_dim} but the model expects {expected_latent_dim} "
+            f"(encoder {encoder!r}; regenerate the shards or change the model's latent width)"
         )
     sources = {name: [path.parent / f for f in files] for name, files in info["sources"].items()}
     absent = [str(f) for files in sources.values() for f in files if not f.is_file()]
     if absent:
         raise ConfigError(f"{path}: {len(absent)} shard files do not exist, e.g. {absent[0]}")
-    return Manifest(path, int(info["latent_dim"]), int(info["tokens_per_frame"]), sources, info)
+    stats = info["normalization"]
+    normalizer = None if stats is None else LatentNormalizer.from_stats(ChannelStats.from_json(stats))
+    return Manifest(path, latent_dim, int(info["tokens_per_frame"] or 0), sources, info, normalizer)
 
 
-def decode_sample(
-    raw: dict[str, Any], tokens_per_frame: int, latent_dim: int
-) -> tuple[dict[str, Any] | None, str]:
-    """(sample, "") for a good record, (None, reason) for a bad one."""
-    if "json" not in raw:
-        return None, "missing json"
+@dataclass(frozen=True)
+class SampleSpec:
+    """What a good sample must look like, and the normalisation applied to its latents."""
+
+    tokens_per_frame: int
+    latent_dim: int
+    vocab_size: int
+    normalizer: LatentNormalizer | None = None
+
+
+def _decode(raw: dict[str, Any], ext: str) -> tuple[Any, str]:
+    if ext not in raw:
+        return None, f"missing {ext}"
     # Corrupt bytes can fail inside json or numpy in many ways; any failure only condemns the sample.
     try:
-        meta = basichandlers("json", raw["json"])
+        return basichandlers(ext, raw[ext]), ""
     except Exception as exc:
-        return None, f"undecodable json ({exc!r})"
+        return None, f"undecodable {ext} ({exc!r})"
+
+
+def _check_latents(latents: Any, meta: dict[str, Any], spec: SampleSpec) -> str:
+    kind = meta["kind"]
+    if not isinstance(latents, np.ndarray) or latents.ndim != 3 or latents.dtype.kind != "f":
+        return f"latents are {getattr(latents, 'dtype', type(latents).__name__)} {list(getattr(latents, 'shape', []))}, expected float [F, N, C]"
+    frames = {"image_text": 1}.get(kind, latents.shape[0])
+    if latents.shape != (frames, spec.tokens_per_frame, spec.latent_dim) or frames < 1:
+        return f"latents shape {list(latents.shape)}, expected {[frames, spec.tokens_per_frame, spec.latent_dim]}"
+    if kind == "action":
+        context = meta.get("num_context")
+        if not isinstance(context, int) or not 1 <= context < len(latents):
+            return f"num_context {context!r} must leave 1 to {len(latents) - 1} result frames of {len(latents)}"
+    return ""
+
+
+def decode_sample(raw: dict[str, Any], spec: SampleSpec) -> tuple[dict[str, Any] | None, str]:
+    """(sample, "") for a good record, (None, reason) for a bad one."""
+    meta, reason = _decode(raw, "json")
+    if reason:
+        return None, reason
     if not isinstance(meta, dict):
         return None, "json is not an object"
     kind = meta.get("kind")
     if kind not in KINDS:
         return None, f"unknown kind {kind!r}"
-    text = meta.get(TEXT_FIELD[kind])
-    if not isinstance(text, str) or not text:
-        return None, f"missing {TEXT_FIELD[kind]!r}"
-    sample = {**meta, "key": raw["__key__"], "shard": raw["__url__"], "latents": None}
+    tokens, reason = _decode(raw, "tokens.npy")
+    if reason:
+        return None, reason
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        return None, f"tokens are {getattr(tokens, 'dtype', type(tokens).__name__)}, expected a 1-D integer array"
+    if kind in TEXT_REQUIRED and len(tokens) == 0:
+        return None, f"empty {TEXT_REQUIRED[kind]}"
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= spec.vocab_size):
+        return None, f"token ids outside the vocabulary of {spec.vocab_size}"
+    if kind == "image_text":
+        directions = meta.setdefault("directions", list(DIRECTIONS))
+        valid = isinstance(directions, list) and directions and len(set(directions)) == len(directions)
+        if not valid or set(directions) - set(DIRECTIONS):
+            return None, f"directions {directions!r} are not a non-empty subset of {list(DIRECTIONS)}"
+    sample = {**meta, "key": raw["__key__"], "shard": raw["__url__"], "tokens": tokens.astype(np.int64), "latents": None}
     if kind == "text":
         return sample, ""
-    if "latents.npy" not in raw:
-        return None, "missing latents.npy"
-    try:
-        latents = basichandlers("latents.npy", raw["latents.npy"])
-    except Exception as exc:
-        return None, f"undecodable latents.npy ({exc!r})"
-    if latents.ndim != 3 or latents.dtype.kind != "f":
-        return None, f"latents are {latents.dtype} {list(latents.shape)}, expected float [F, N, C]"
-    expected = (1 if kind == "image_text" else latents.shape[0], tokens_per_frame, latent_dim)
-    if latents.shape != expected or expected[0] < 1:
-        return None, f"latents shape {list(latents.shape)}, expected {list(expected)}"
-    latents = latents.astype(np.float32)
+    latents, reason = _decode(raw, "latents.npy")
+    reason = reason or _check_latents(latents, meta, spec)
+    if reason:
+        return None, reason
+    # Normalising keeps NaN and Inf, and float32 checks far faster than float16.
+    latents = to_float32(latents) if spec.normalizer is None else spec.normalizer.normalize(latents)
     if not np.isfinite(latents).all():
         return None, "non-finite latents"
     sample["latents"] = latents
@@ -120,8 +167,8 @@ def _error_handler(shard: Path, counters: dict[str, int]):
     return on_error
 
 
-def _checked(raw, shard: Path, tokens_per_frame: int, latent_dim: int, counters: dict[str, int]):
-    sample, reason = decode_sample(raw, tokens_per_frame, latent_dim)
+def _checked(raw, shard: Path, spec: SampleSpec, counters: dict[str, int]):
+    sample, reason = decode_sample(raw, spec)
     if sample is None:
         counters["bad_samples"] = counters.get("bad_samples", 0) + 1
         logger.warning("skipping bad sample %r in shard %s: %s", raw.get("__key__"), shard, reason)
@@ -131,14 +178,14 @@ def _checked(raw, shard: Path, tokens_per_frame: int, latent_dim: int, counters:
 
 
 def read_samples(
-    shards: list[Path], tokens_per_frame: int, latent_dim: int, counters: dict[str, int] | None = None
+    shards: list[Path], spec: SampleSpec, counters: dict[str, int] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Every good sample of `shards` once, in order (evaluation, inspection)."""
     counters = counters if counters is not None else {}
     for shard in shards:
         with open(shard, "rb") as stream:
             for raw in _records(shard, stream, _error_handler(shard, counters)):
-                sample = _checked(raw, shard, tokens_per_frame, latent_dim, counters)
+                sample = _checked(raw, shard, spec, counters)
                 if sample is not None:
                     yield sample
 
@@ -162,8 +209,7 @@ class ShardCursor:
         stream: int,
         num_streams: int,
         seed: int,
-        tokens_per_frame: int,
-        latent_dim: int,
+        spec: SampleSpec,
     ) -> None:
         if not shards:
             raise ValueError(f"source {source!r} has no shards")
@@ -172,7 +218,7 @@ class ShardCursor:
         self._num_streams = num_streams
         self._shards = shards if self._split_records else shards[stream::num_streams]
         self._seed_key = [seed, stream, zlib.crc32(source.encode())]
-        self._tokens_per_frame, self._latent_dim = tokens_per_frame, latent_dim
+        self._spec = spec
         self.epoch, self.shard, self.record, self._good_in_epoch = 0, 0, 0, 0
         self.counters: dict[str, int] = {"samples": 0, "bad_samples": 0, "read_errors": 0}
         self._order = self._epoch_order()
@@ -223,9 +269,7 @@ class ShardCursor:
             index, self.record = self.record, self.record + 1
             if self._split_records and index % self._num_streams != self.stream:
                 continue
-            sample = _checked(
-                raw, self._current_path(), self._tokens_per_frame, self._latent_dim, self.counters
-            )
+            sample = _checked(raw, self._current_path(), self._spec, self.counters)
             if sample is not None:
                 self._good_in_epoch += 1
                 return sample

@@ -1,0 +1,86 @@
+"""Frozen visual encoders, selected by name and a local weights folder.
+
+| name       | family                  | default input | tokens            | width (paper's weights) |
+| ---------- | ----------------------- | ------------- | ----------------- | ----------------------- |
+| raw_pixels | p x p patches           | 224, p = 14   | 16 x 16           | 588                     |
+| siglip2    | transformers, semantic  | 224           | 16 x 16           | 1152 (So400m)           |
+| dinov2     | transformers, semantic  | 224           | 16 x 16           | 1024 (ViT-L)            |
+| webssl     | transformers, semantic  | 224           | 16 x 16           | 1024 (ViT-L)            |
+| sd_vae     | diffusers AutoencoderKL | 256           | 32 x 32 -> 16 x 16 | 16                     |
+| flux_vae   | diffusers AutoencoderKL | 256           | 32 x 32 -> 16 x 16 | 64                     |
+
+Every encoder takes uint8 [B, S, S, 3] images at its `image_size` and returns float32
+[B, tokens_per_frame, latent_dim]; raw pixels and VAEs also `decode`. `EncoderSpec` is what a
+job records in its manifest and what worker processes rebuild the encoder from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+
+from unimm.data_pipelines import semantic, vae
+from unimm.data_pipelines.raw_pixels import RawPixels
+from unimm.errors import ConfigError
+
+NAMES = ("raw_pixels", *semantic.NAMES, *vae.NAMES)
+_DEFAULT_IMAGE_SIZE = {"raw_pixels": 224, **{n: 224 for n in semantic.NAMES}, **{n: 256 for n in vae.NAMES}}
+
+
+class Encoder(Protocol):
+    image_size: int
+    tokens_per_frame: int
+    latent_dim: int
+
+    def encode(self, images: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str = "raw_pixels"
+    path: str = ""
+    """Local weights folder (save_pretrained layout); unused by raw_pixels."""
+
+    image_size: int = 0
+    """Input resolution; 0: the paper's (224, VAEs 256)."""
+
+    patch: int = 14
+    """raw_pixels only: patch side."""
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ConfigError(f"unknown encoder {self.name!r}; known: {', '.join(NAMES)}")
+        if self.name != "raw_pixels" and not self.path:
+            raise ConfigError(f"encoder {self.name!r} needs the path of its local weights (--encoder-path)")
+
+    @property
+    def resolved_image_size(self) -> int:
+        return self.image_size or _DEFAULT_IMAGE_SIZE[self.name]
+
+    def describe(self) -> dict:
+        return {**asdict(self), "image_size": self.resolved_image_size}
+
+
+def load_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
+    size = spec.resolved_image_size
+    if spec.name == "raw_pixels":
+        return RawPixels(size, spec.patch)
+    if spec.name in semantic.NAMES:
+        return semantic.SemanticEncoder(spec.name, spec.path, size, device)
+    return vae.VaeEncoder(spec.name, spec.path, size, device)
+
+
+def add_encoder_arguments(parser) -> None:
+    """The --encoder options every job that encodes images shares."""
+    parser.add_argument("--encoder", default="raw_pixels", choices=NAMES)
+    parser.add_argument("--encoder-path", default="", help="local weights folder (save_pretrained layout)")
+    parser.add_argument("--image-size", type=int, default=0, help="0: the encoder's default (224; VAEs 256)")
+    parser.add_argument("--patch", type=int, default=14, help="raw_pixels patch side")
+    parser.add_argument("--device", default="cpu", help="encoder device (cuda, cuda:1, ...)")
+    parser.add_argument("--batch-size", type=int, default=32, help="frames per encoder call")
+
+
+def encoder_spec_from_args(args) -> EncoderSpec:
+    return EncoderSpec(args.encoder, args.encoder_path, args.image_size, args.patch)

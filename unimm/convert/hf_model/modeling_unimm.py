@@ -1,0 +1,386 @@
+"""unimm for Hugging Face transformers: text generation and the flow head, without unimm.
+
+Shipped inside every folder `unimm convert to-hf` writes and loaded with
+``trust_remote_code=True``; it imports only torch and transformers. The computation is
+unimm.model.transformer's, laid out under Llama's module names:
+
+- input: text tokens through ``embed_tokens``; each visual latent patch through
+  ``latent_proj`` plus an embedding of its flow time t (``modality`` says which is which);
+- Llama-style pre-norm blocks: RMSNorm, RoPE (rotate-half layout), grouped-query attention,
+  and a SwiGLU FFN that is shared, per modality, or a mixture of experts;
+- two heads: ``lm_head`` (next text token) and ``flow_head`` (the flow-matching prediction
+  for each visual patch).
+
+``UnimmForCausalLM.forward`` and ``generate()`` are text-only. ``forward_flow`` runs a mixed
+sequence under the hybrid attention mask (``hybrid_attention_mask``: causal text,
+bidirectional inside each image or video frame) and returns both heads' outputs.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+
+from .configuration_unimm import SHARED_EXPERT_MODES, UnimmConfig
+
+TEXT, VISION = 0, 1
+
+
+# -- masks and positions ---------------------------------------------------------------------
+
+
+def hybrid_attention_mask(document_ids: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] boolean mask of packed mixed rows: a query sees a key iff both lie in the
+    same document and the key is not later or both belong to the same frame. document_ids and
+    frame_ids are [B, L]; frame id -1 marks text."""
+    idx = torch.arange(document_ids.shape[-1], device=document_ids.device)
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    query_frame = frame_ids[:, :, None]
+    same_frame = (query_frame >= 0) & (query_frame == frame_ids[:, None, :])
+    return (same_document & ((idx[None, :] <= idx[:, None]) | same_frame))[:, None]
+
+
+def causal_attention_mask(padding_mask: torch.Tensor | None, query_len: int, past_len: int, device) -> torch.Tensor:
+    """[B or 1, 1, q, kv] boolean mask for text: causal over cached and new positions, minus
+    padding. A padding query keeps itself so that its softmax row is never empty."""
+    kv_pos = torch.arange(past_len + query_len, device=device)
+    q_pos = kv_pos[past_len:]
+    mask = (kv_pos[None, :] <= q_pos[:, None])[None]
+    if padding_mask is not None:
+        mask = (mask & padding_mask[:, None, : past_len + query_len].bool()) | (kv_pos[None, :] == q_pos[:, None])
+    return mask[:, None]
+
+
+def default_positions(padding_mask: torch.Tensor | None, query_len: int, past_len: int, device) -> torch.Tensor:
+    if padding_mask is None:
+        return torch.arange(past_len, past_len + query_len, device=device)[None]
+    # Left padding: each row's first real token is position 0, as in training.
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len : past_len + query_len]
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, L, head_dim] in float32, from the frequencies unimm trains with."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    angles = position_ids[..., None].float() * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHLK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x = x_BHLK.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos[:, None] + rotated * sin[:, None]).type_as(x_BHLK)
+
+
+# -- blocks ------------------------------------------------------------------------------------
+
+
+class UnimmAttention(nn.Module):
+    def __init__(self, config: UnimmConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x_BLD, cos, sin, mask, past_key_values: Cache | None) -> torch.Tensor:
+        B, L, _ = x_BLD.shape
+        q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out_BHLK.transpose(1, 2).reshape(B, L, -1))
+
+
+class UnimmMLP(nn.Module):
+    """ffn_kind "shared": one SwiGLU FFN for every token."""
+
+    def __init__(self, config: UnimmConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_BLD)) * self.up_proj(x_BLD))
+
+
+class UnimmExperts(nn.Module):
+    """Stacked SwiGLU experts laid out for ``x @ w[e]``: gate_proj, up_proj [E, D, H];
+    down_proj [E, H, D]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def forward(self, x_TD: torch.Tensor, experts_Tk: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's k experts of weight * expert(x); experts taken in ascending
+        order, the order in which unimm's grouped GEMM accumulates them."""
+        out_TD = torch.zeros_like(x_TD)
+        for e in experts_Tk.unique().tolist():
+            token, slot = (experts_Tk == e).nonzero(as_tuple=True)
+            x = x_TD[token]
+            y = (F.silu(x @ self.gate_proj[e]) * (x @ self.up_proj[e])) @ self.down_proj[e]
+            out_TD.index_add_(0, token, y * weights_Tk[token, slot, None].to(y.dtype))
+        return out_TD
+
+
+class UnimmModalityMLP(nn.Module):
+    """ffn_kind "modality": expert 0 runs the text tokens, expert 1 the visual ones."""
+
+    def __init__(self, config: UnimmConfig):
+        super().__init__()
+        self.experts = UnimmExperts(2, config.hidden_size, config.intermediate_size)
+
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        expert_T1 = modality_BL.reshape(-1, 1)
+        ones_T1 = torch.ones(expert_T1.shape, dtype=x_BLD.dtype, device=x_BLD.device)
+        return self.experts(x_BLD.reshape(-1, D), expert_T1, ones_T1).reshape(B, L, D)
+
+
+class UnimmRouter(nn.Module):
+    def __init__(self, dim: int, num_routed: int, score_func: str):
+        super().__init__()
+        self.score_func = score_func
+        self.gate = nn.Linear(dim, num_routed, bias=False)
+        # Learned by load balancing during training: shifts which experts are picked, never
+        # their mixing weights.
+        self.register_buffer("expert_bias", torch.zeros(num_routed))
+
+    def forward(self, x_TD: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x_TD).float()
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        _, experts_Tk = torch.topk(scores + self.expert_bias, top_k, dim=-1)
+        weights_Tk = scores.gather(-1, experts_Tk)
+        if self.score_func == "sigmoid":
+            weights_Tk = weights_Tk / weights_Tk.sum(-1, keepdim=True)
+        return experts_Tk, weights_Tk
+
+
+class UnimmMoE(nn.Module):
+    """ffn_kind "moe": shared experts come first (weight 1: "global" expert 0 for every token,
+    "per_modality" expert 0 for text and 1 for vision), then the router's top picks."""
+
+    def __init__(self, config: UnimmConfig):
+        super().__init__()
+        self.num_shared = SHARED_EXPERT_MODES[config.shared_experts]
+        self.routed_top_k = config.num_experts_per_tok - min(self.num_shared, 1)
+        self.router = UnimmRouter(config.hidden_size, config.num_experts - self.num_shared, config.router_score_func)
+        self.experts = UnimmExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(-1, D)
+        experts_Tk, weights_Tk = self.router(x_TD, self.routed_top_k)
+        experts_Tk = experts_Tk + self.num_shared
+        if self.num_shared:
+            if self.num_shared == 2:
+                shared_T1 = (modality_BL.reshape(-1, 1) == VISION).long()
+            else:
+                shared_T1 = torch.zeros_like(experts_Tk[:, :1])
+            experts_Tk = torch.cat([shared_T1, experts_Tk], dim=1)
+            weights_Tk = torch.cat([torch.ones_like(weights_Tk[:, :1]), weights_Tk], dim=1)
+        return self.experts(x_TD, experts_Tk, weights_Tk).reshape(B, L, D)
+
+
+MLP_CLASSES = {"shared": UnimmMLP, "modality": UnimmModalityMLP, "moe": UnimmMoE}
+
+
+class UnimmDecoderLayer(nn.Module):
+    def __init__(self, config: UnimmConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = UnimmAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP_CLASSES[config.ffn_kind](config)
+
+    def forward(self, h_BLD, modality_BL, cos, sin, mask, past_key_values) -> torch.Tensor:
+        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos, sin, mask, past_key_values)
+        return h_BLD + self.mlp(self.post_attention_layernorm(h_BLD), modality_BL)
+
+
+class UnimmTimestepEmbedding(nn.Module):
+    """Sinusoidal features of the flow time t in [0, 1], then a small MLP to the model width."""
+
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp_in = nn.Linear(freq_dim, freq_dim)
+        self.mlp_out = nn.Linear(freq_dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+        angles = 1000.0 * t.float()[..., None] * freqs
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp_in.weight.dtype)
+        return self.mlp_out(F.silu(self.mlp_in(features)))
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+class UnimmPreTrainedModel(PreTrainedModel):
+    config_class = UnimmConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["UnimmDecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, UnimmExperts):
+            for weight in module.parameters(recurse=False):
+                nn.init.normal_(weight, std=self.config.initializer_range)
+        elif isinstance(module, UnimmRouter):
+            nn.init.zeros_(module.expert_bias)
+
+
+class UnimmModel(UnimmPreTrainedModel):
+    """The decoder without heads: final normed hidden states [B, L, D]."""
+
+    def __init__(self, config: UnimmConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.latent_proj = nn.Linear(config.latent_dim, config.hidden_size)
+        self.time_embedding = UnimmTimestepEmbedding(config.time_freq_dim, config.hidden_size)
+        self.layers = nn.ModuleList(UnimmDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def embed(self, input_ids, latents, timesteps, modality) -> torch.Tensor:
+        text_BLD = self.embed_tokens(input_ids)
+        if latents is None:
+            return text_BLD
+        vision_BLD = self.latent_proj(latents.to(text_BLD.dtype)) + self.time_embedding(timesteps)
+        return torch.where((modality == VISION)[..., None], vision_BLD, text_BLD)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        latents: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        modality: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [B, L]; for mixed rows also latents [B, L, latent_dim], timesteps [B, L]
+        (t of each visual position's frame) and modality [B, L] (0 text, 1 vision).
+        attention_mask: a [B, L] padding mask (1 = token) for text, or a [B, 1, L, L] boolean
+        mask such as ``hybrid_attention_mask(...)`` for mixed rows. position_ids default to
+        0, 1, ... per row (pass per-document positions for packed rows)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, latents, timesteps, modality)
+        h_BLD = inputs_embeds
+        B, L, _ = h_BLD.shape
+        if modality is None:
+            modality = torch.full((B, L), TEXT, dtype=torch.long, device=h_BLD.device)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        else:
+            mask = causal_attention_mask(padding_mask, L, past_len, h_BLD.device)
+        if position_ids is None:
+            position_ids = default_positions(padding_mask, L, past_len, h_BLD.device)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rope_cos_sin(position_ids, head_dim, self.config.rope_theta)
+        for layer in self.layers:
+            h_BLD = layer(h_BLD, modality, cos, sin, mask, past_key_values)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(h_BLD), past_key_values=past_key_values if use_cache else None
+        )
+
+
+@dataclass
+class UnimmFlowOutput(ModelOutput):
+    """Both heads at every position: read ``logits`` at text positions and ``flow`` (the
+    flow-matching prediction, velocity or clean latent as trained) at visual ones."""
+
+    logits: torch.FloatTensor | None = None
+    flow: torch.FloatTensor | None = None
+
+
+class UnimmForCausalLM(UnimmPreTrainedModel, GenerationMixin):
+    # The mask forward_flow expects, reachable from a model loaded with trust_remote_code.
+    hybrid_attention_mask = staticmethod(hybrid_attention_mask)
+
+    def __init__(self, config: UnimmConfig):
+        super().__init__(config)
+        self.model = UnimmModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.flow_head = nn.Linear(config.hidden_size, config.latent_dim)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Text next-token logits [B, L, V] (the last ``logits_to_keep`` positions if > 0)."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+        )
+        h_BLD = out.last_hidden_state
+        logits = self.lm_head(h_BLD[:, -logits_to_keep:] if logits_to_keep else h_BLD)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    def forward_flow(
+        self,
+        input_ids: torch.LongTensor,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        modality: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.LongTensor | None = None,
+    ) -> UnimmFlowOutput:
+        """A mixed row (text tokens and noisy latent patches at flow time t) under a [B, 1, L, L]
+        mask such as ``hybrid_attention_mask(document_ids, frame_ids)``; see UnimmModel.forward
+        for the shapes."""
+        h_BLD = self.model(
+            input_ids=input_ids,
+            latents=latents,
+            timesteps=timesteps,
+            modality=modality,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return UnimmFlowOutput(logits=self.lm_head(h_BLD), flow=self.flow_head(h_BLD))

@@ -1,0 +1,89 @@
+"""The README.md of an exported folder: what the model is and how to load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unimm.convert.architecture import Architecture
+from unimm.model.ffn import FFNConfig
+
+_UNIMM_USE = '''```python
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{path}", trust_remote_code=True)
+prompt = tokenizer("A red square", return_tensors="pt")
+print(tokenizer.decode(model.generate(**prompt, max_new_tokens=40)[0], skip_special_tokens=True))
+
+# The flow head on a mixed row: text tokens, then one frame of {latent_dim}-wide latent patches
+# at flow time t (t = 1 is clean), under the hybrid mask (causal text, bidirectional frame).
+L, patches = 8, 4
+modality = torch.tensor([[0] * (L - patches) + [1] * patches])
+frame_ids = torch.where(modality == 1, 0, -1)
+mask = model.hybrid_attention_mask(torch.zeros_like(modality), frame_ids)
+out = model.forward_flow(
+    input_ids=torch.full((1, L), tokenizer.pad_token_id), latents=torch.randn(1, L, {latent_dim}),
+    timesteps=torch.full((1, L), 0.5), modality=modality, attention_mask=mask,
+)
+out.flow[modality == 1]  # the flow-matching prediction for each patch
+```
+
+`unimm convert from-hf --hf {path} --out RUN_DIR` turns this folder back into a torchtitan
+checkpoint (`RUN_DIR/checkpoint/step-0`) that `unimm train` starts from.'''
+
+_LLAMA_USE = '''```python
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+model = LlamaForCausalLM.from_pretrained("{path}")
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+prompt = tokenizer("A red square", return_tensors="pt")
+print(tokenizer.decode(model.generate(**prompt, max_new_tokens=40)[0], skip_special_tokens=True))
+```
+
+This is the text backbone only: the visual adapters (latent projection, timestep embedding)
+and the flow head are not in this folder. `--format unimm` exports them too.'''
+
+
+def _feed_forward(ffn: FFNConfig) -> str:
+    if ffn.kind == "moe":
+        moe = ffn.moe
+        return f"{moe.top_k} of {moe.num_experts} experts of width {moe.expert_hidden_dim} (shared experts: {moe.shared})"
+    if ffn.kind == "modality":
+        return f"one SwiGLU for text, one for vision, width {ffn.hidden_dim}"
+    return f"SwiGLU, width {ffn.hidden_dim}"
+
+
+def model_card(arch: Architecture, fmt: str, checkpoint: Path, dtype: str, folder_name: str) -> str:
+    model = arch.model
+    tags = ["unimm", "text-generation"] + (["llama"] if fmt == "llama" else ["multimodal", "flow-matching"])
+    use = (_LLAMA_USE if fmt == "llama" else _UNIMM_USE).format(path=folder_name, latent_dim=model.latent_dim)
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [{", ".join(tags)}]
+---
+
+# {folder_name}
+
+A unimm model (Transfusion family): one decoder-only transformer over text tokens and visual
+latents, trained with next-token prediction on text and flow matching on visual latents.
+Converted by `unimm convert to-hf --format {fmt}` from the torchtitan checkpoint
+`{checkpoint}` ({arch.source}).
+
+| | |
+| --- | --- |
+| layers | {model.n_layers} |
+| width | {model.dim} |
+| attention heads (query / key-value) | {model.n_heads} / {model.n_kv_heads} |
+| feed-forward | {_feed_forward(model.ffn)} |
+| vocabulary | {model.vocab_size} |
+| RoPE base | {model.rope_theta:g} |
+| longest sequence trained | {model.max_seq_len} |
+| visual latent width | {model.latent_dim} |
+| weights | {dtype} |
+
+## Use
+
+{use}
+"""

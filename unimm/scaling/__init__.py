@@ -1,8 +1,10 @@
-"""IsoFLOP scaling laws (paper section 7): run table -> per-budget minima -> power laws -> figures.
+"""IsoFLOP scaling laws (paper section 7): sweep plan -> runs -> run table -> fits -> figures.
 
-``table`` reads and screens the CSV of runs, ``fit`` does the numerics, ``plots`` draws them and
-``cli`` is the ``unimm isoflop`` verb. The plotting and CLI modules are not imported here so that
-using the fitter does not pull in matplotlib.
+``plan`` turns budgets and a size grid into runs and launch scripts, ``collect`` measures the
+finished runs' held-out losses into a run table, ``table`` reads and screens that CSV, ``fit``
+does the numerics, ``plots`` draws them and ``cli`` is the ``unimm isoflop`` verb. Only the
+table and fit modules are imported here, so that using the fitter pulls in neither torch nor
+matplotlib.
 """
 
 from unimm.scaling.fit import (

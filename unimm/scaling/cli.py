@@ -1,9 +1,12 @@
-"""``unimm isoflop fit --csv FILE --out DIR``: fit the scaling laws of a run table.
+"""``unimm isoflop plan|collect|fit``: an IsoFLOP sweep from plan to scaling laws.
 
-Writes ``DIR/fits.json`` (schema in :func:`fits_report`) and PNG figures, and prints a summary.
+- ``plan``: budgets x a model-size grid -> ``DIR/plan.json`` and launch scripts (:mod:`.plan`);
+- ``collect``: held-out losses of the finished runs -> a run table CSV (:mod:`.collect`);
+- ``fit``: ``DIR/fits.json`` (schema in :func:`fits_report`) and PNG figures from a run table.
+
 :func:`register` adds the ``isoflop`` verb to the ``unimm`` console script; each sub-verb sets
 ``func`` (taking the parsed arguments, returning an exit status) for the caller to dispatch.
-Before that wiring exists the same sub-verbs run as ``python -m unimm.scaling.cli fit ...``.
+``python -m unimm.scaling.cli VERB ...`` runs the same verbs.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from unimm.errors import ConfigError
 from unimm.scaling.fit import BudgetFit, FitOptions, GroupFit, fit_runs
 from unimm.scaling.plots import plot_group
-from unimm.scaling.table import RunTableError, read_runs
+from unimm.scaling.table import RunTableError, read_runs, write_runs
+
+if TYPE_CHECKING:
+    from unimm.scaling.plan import SweepPlan
 
 DEFAULTS = FitOptions()
 
@@ -29,12 +36,109 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m unimm.scaling.cli", description="IsoFLOP scaling-law analysis"
+    # The unimm console script owns argument handling (plan passes --section.key overrides on).
+    from unimm.cli import main as unimm_main
+
+    return unimm_main(["isoflop", *(sys.argv[1:] if argv is None else argv)])
+
+
+# plan and collect build models and data (torch, torchtitan): imported when used, so that
+# `unimm isoflop fit` and every other verb start without them. Options left unset on the
+# command line (None) take the defaults of the dataclasses they fill (unimm.scaling.plan,
+# unimm.scaling.collect), which document them.
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from unimm.scaling.plan import SizeRule, SlurmOptions, SweepSpec, plan_sweep, write_plan
+
+    sizes = SizeRule(
+        d_models=tuple(args.d_model),
+        **_given(
+            args,
+            aspect="aspect",
+            head_dim="head_dim",
+            kv_group="kv_group",
+            ffn_multiple="ffn_multiple",
+            ffn_round="ffn_round",
+        ),
     )
-    _add_verbs(parser.add_subparsers(dest="isoflop_verb", required=True, metavar="VERB"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    spec = SweepSpec(
+        recipe=args.recipe,
+        budgets=tuple(args.budgets),
+        sizes=sizes,
+        mixture=None if args.mixture is None else parse_mixture(args.mixture),
+        batch_rows=args.batch_rows,
+        overrides=tuple(args.config_overrides),
+        **_given(args, warmup_fraction="warmup_fraction", min_steps="min_steps"),
+    )
+    slurm = SlurmOptions(
+        **_given(
+            args,
+            nodes="slurm_nodes",
+            gpus_per_node="slurm_gpus_per_node",
+            time="slurm_time",
+            partition="slurm_partition",
+        )
+    )
+    plan = plan_sweep(spec)  # ConfigError: reported by the unimm console script
+    paths = write_plan(plan, args.out, nproc=args.nproc, slurm=slurm)
+    print(plan_table(plan))
+    print(f"wrote {', '.join(str(path) for path in paths)}")
+    return 0
+
+
+def plan_table(plan: SweepPlan) -> str:
+    lines = [f"{plan.tokens_per_step:,} tokens per step ({plan.seq_len} positions per row)"]
+    lines.append(f"{'run':<24} {'N (active)':>12} {'steps':>7} {'tokens D':>12} {'D/N':>7} {'C = 6ND':>10}")
+    for run in plan.runs:
+        lines.append(
+            f"{run.name:<24} {run.params:>12,} {run.steps:>7} {run.tokens:>12,} "
+            f"{run.tokens / run.params:>7.2f} {run.flops:>10.3g}"
+        )
+    for point in plan.skipped:
+        lines.append(f"skipped C={point.budget:.3g} d_model={point.d_model}: {point.reason}")
+    for budget in sorted(plan.spec.budgets):
+        sizes = sum(run.budget == budget for run in plan.runs)
+        if sizes < 3:
+            lines.append(f"warning: budget C={budget:.3g} has {sizes} size(s); a parabola needs >= 3")
+    return "\n".join(lines)
+
+
+def parse_mixture(items: list[str]) -> dict[str, float]:
+    """``["text=0.5", "image_text=0.25"]`` -> ``{"text": 0.5, "image_text": 0.25}``."""
+    mixture = {}
+    for item in items:
+        name, _, weight = item.partition("=")
+        try:
+            mixture[name] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--mixture entries are SOURCE=WEIGHT, got {item!r}") from None
+    return mixture
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    from unimm.scaling.collect import HeldOut, collect
+    from unimm.scaling.plan import read_plan
+
+    heldout = HeldOut(
+        **_given(
+            args,
+            seed="heldout_seed",
+            shards="heldout_shards",
+            batches="eval_batches",
+            timesteps="timesteps",
+            noise_seed="noise_seed",
+        )
+    )
+    plan = read_plan(args.plan)
+    results = collect(plan, args.plan.parent, heldout)
+    csv_path = args.csv or args.plan.parent / "runs.csv"
+    write_runs(csv_path, [row for result in results for row in result.rows()])
+    bad = [result for result in results if result.status != "ok"]
+    print(f"{len(results) - len(bad)} of {len(results)} runs evaluated; wrote {csv_path}")
+    for result in bad:
+        print(f"  not usable: {result.run.name} ({result.status}: {result.note})")
+    return 0 if len(bad) < len(results) else 1
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -99,6 +203,63 @@ def summary_table(groups: list[GroupFit]) -> str:
 
 
 def _add_verbs(verbs: argparse._SubParsersAction) -> None:
+    _add_plan(verbs)
+    _add_collect(verbs)
+    _add_fit(verbs)
+
+
+def _given(args: argparse.Namespace, **fields: str) -> dict[str, Any]:
+    """``{field: args.<option>}`` for the options given on the command line."""
+    given = {name: getattr(args, option) for name, option in fields.items()}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _add_plan(verbs: argparse._SubParsersAction) -> None:
+    plan = verbs.add_parser(
+        "plan",
+        help="plan an IsoFLOP sweep: budgets x model sizes -> plan.json and launch scripts",
+        description="Every budget C x every size trains D = C / (6 N) tokens (N active parameters). "
+        "Further --section.key VALUE options are given to every run.",
+    )
+    plan.add_argument("--recipe", required=True, help="a resizable recipe (debug_sweep, dense_sweep)")
+    plan.add_argument("--budgets", type=float, nargs="+", required=True, help="compute budgets C in FLOPs")
+    plan.add_argument("--d-model", type=int, nargs="+", required=True, help="model widths of the size grid")
+    plan.add_argument("--aspect", type=int, help="d_model / n_layers")
+    plan.add_argument("--head-dim", type=int, help="width of an attention head")
+    plan.add_argument("--kv-group", type=int, help="query heads per KV head")
+    plan.add_argument("--ffn-multiple", type=float, help="FFN width / d_model")
+    plan.add_argument("--ffn-round", type=int, help="FFN width rounded up to a multiple of this")
+    plan.add_argument("--mixture", nargs="+", metavar="SOURCE=WEIGHT", help="source weights (default: the recipe's)")
+    plan.add_argument("--batch-rows", type=int, help="global batch in rows (default: the recipe's)")
+    plan.add_argument("--warmup-fraction", type=float, help="warmup steps / run steps")
+    plan.add_argument("--min-steps", type=int, help="leave out points with fewer steps")
+    plan.add_argument("--out", type=Path, required=True, help="sweep folder: plan, launch scripts, run folders")
+    plan.add_argument("--nproc", type=int, default=1, help="processes per run in launch_local.sh")
+    plan.add_argument("--slurm-nodes", type=int, help="nodes per run")
+    plan.add_argument("--slurm-gpus-per-node", type=int, help="GPUs per node")
+    plan.add_argument("--slurm-time", help="time limit per run")
+    plan.add_argument("--slurm-partition")
+    plan.set_defaults(func=run_plan, takes_overrides=True)
+
+
+def _add_collect(verbs: argparse._SubParsersAction) -> None:
+    collect_ = verbs.add_parser(
+        "collect",
+        help="held-out losses of a planned sweep's runs -> run table CSV",
+        description="Runs are looked up next to the plan file; missing, diverged and unfinished "
+        "runs are reported and written with a status, which the fit drops.",
+    )
+    collect_.add_argument("--plan", type=Path, required=True, help="plan.json written by isoflop plan")
+    collect_.add_argument("--csv", type=Path, help="output run table (default: runs.csv beside the plan)")
+    collect_.add_argument("--heldout-seed", type=int, help="procedural_seed of the held-out split")
+    collect_.add_argument("--heldout-shards", help="held-out shard folder instead of a procedural split")
+    collect_.add_argument("--eval-batches", type=int, help="batches per held-out set")
+    collect_.add_argument("--timesteps", type=int, help="fixed flow times of the vision loss")
+    collect_.add_argument("--noise-seed", type=int, help="seed of the fixed flow noise")
+    collect_.set_defaults(func=run_collect)
+
+
+def _add_fit(verbs: argparse._SubParsersAction) -> None:
     fit = verbs.add_parser(
         "fit",
         help="fit N_opt ~ C^a, D_opt ~ C^b and L(C) = A C^-alpha + E from a run table",

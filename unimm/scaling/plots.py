@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from unimm.scaling.fit import GroupFit
 
@@ -74,6 +75,7 @@ def plot_optimal(group: GroupFit, path: Path) -> Path:
         )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _major_labels_only(ax)
         ax.set_xlabel("compute C (FLOPs)")
         ax.set_ylabel(label)
         ax.legend(fontsize="small")
@@ -93,6 +95,7 @@ def plot_loss_curve(group: GroupFit, path: Path) -> Path:
     axes[0].plot(grid, curve(grid), label=f"{curve.A:.3g} C^-{curve.alpha:.3f} + {curve.E:.3f}")
     axes[0].axhline(curve.E, color="gray", ls="--", lw=1, label="E (irreducible)")
     axes[0].set_xscale("log")
+    _major_labels_only(axes[0])
     axes[0].set_xlabel("compute C (FLOPs)")
     axes[0].set_ylabel(f"IsoFLOP minimum {group.modality} loss")
     axes[0].set_title(f"L(C): {group.name}")
@@ -104,6 +107,12 @@ def _figure(ncols: int) -> tuple[Figure, list]:
     figure = Figure(figsize=(6 * ncols, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     return figure, list(np.atleast_1d(figure.subplots(1, ncols)))
+
+
+def _major_labels_only(ax) -> None:
+    # Over less than a decade matplotlib labels the minor log ticks too, and they overlap.
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _budget_colours(count: int) -> list:

@@ -6,7 +6,8 @@ Required columns: ``run, modality, flops, params, tokens, loss``. ``modality`` i
 column is kept and written back; two have a meaning here:
 
 - ``family``  (e.g. ``dense`` / ``moe``): scaling laws are fitted separately per family.
-- ``status``  ``diverged`` or ``failed`` marks a run as unusable by hand.
+- ``status``  ``diverged``, ``failed`` or ``missing`` marks a run as unusable (by hand, or by
+  ``unimm isoflop collect``); ``note`` says why, and the fit repeats it when it drops the run.
 
 Malformed input is an error naming the file, the line and the column. A run that merely did not
 produce a usable loss (empty, NaN or inf loss, marked by ``status``, or diverged far above the
@@ -26,7 +27,7 @@ import numpy as np
 
 MODALITIES = ("language", "vision")
 REQUIRED_COLUMNS = ("run", "modality", "flops", "params", "tokens", "loss")
-FAILED_STATUSES = frozenset({"diverged", "failed"})
+FAILED_STATUSES = frozenset({"diverged", "failed", "missing"})
 
 
 class RunTableError(ValueError):
@@ -144,7 +145,8 @@ def screen_runs(
 
     for i, run in enumerate(runs):
         if run.status in FAILED_STATUSES:
-            drop(i, f"marked status={run.status}")
+            note = run.extra.get("note", "").strip()
+            drop(i, f"marked status={run.status}" + (f": {note}" if note else ""))
         elif not math.isfinite(run.loss):
             drop(i, f"no usable loss ({run.loss})")
     losses = np.array([run.loss for run in runs], dtype=float)

@@ -96,8 +96,7 @@ def _paper(flavor: str) -> UnimmTrainer.Config:
         checkpoint=_checkpoints(interval=1000, keep_latest_k=3),
         metrics=MetricsProcessor.Config(log_freq=10, enable_tensorboard=True),
         # The loader's default source_weights are the paper's token shares (App. E.8) under the
-        # procedural names; a real mixture names its own sources, e.g. {"dclm": 0.5, "video": 0.25,
-        # "metaclip": 0.1125, "sstk": 0.1125, "nwm": 0.0125, "annotated": 0.0125}.
+        # procedural names; a real mixture names its own sources (README, "Data").
         dataloader=MultimodalDataLoader.Config(),
         loss=TransfusionLoss.Config(flow=FlowMatchingConfig(shift="rae")),
     )
@@ -131,11 +130,15 @@ _register_moe_recipes()
 
 def debug_sweep() -> SizedTrainer.Config:
     """debug_cpu resizable from the command line (``--model_size.*``) for IsoFLOP sweeps on CPU;
-    ``unimm isoflop plan`` writes the sizes, steps and warmup. Batches of 4 rows (more steps
-    for small budgets), a 32-wide timestep MLP to keep the visual adapters small beside the
-    smallest models, and one checkpoint, at the end."""
+    ``unimm isoflop plan`` writes the sizes, steps and warmup. A 32-wide timestep MLP keeps the
+    visual adapters small beside the smallest models; one checkpoint, at the end."""
     base = _debug("debug")
     base.model_spec.model.time_freq_dim = 32
-    base.training.local_batch_size = 4
     base.checkpoint = _checkpoints(interval=1_000_000, keep_latest_k=2)
     return sized(base)
+
+
+def dense_sweep() -> SizedTrainer.Config:
+    """dense_1b5 resizable from the command line (``--model_size.*``): paper-scale IsoFLOP
+    sweeps (``unimm isoflop plan --recipe dense_sweep ...``; needs ``--dataloader.shards``)."""
+    return sized(_paper("dense_1b5"))

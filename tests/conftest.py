@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -5,6 +6,23 @@ from pathlib import Path
 import pytest
 
 from unimm.titan.metrics_jsonl import read_metrics
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """A small BPE vocabulary trained by the project's own tokenizer job on generated text."""
+    from unimm.data_pipelines import procedural
+    from unimm.data_pipelines.train_tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(procedural.text_sample(i, seed=0)["text"] for i in range(300)))
+    # one .txt file is one document: a JSONL file gives the trainer 300 of them
+    lines = folder / "corpus.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": t}) for t in corpus.read_text().splitlines()))
+    out = folder / "tok.model"
+    train_tokenizer(out, [lines], vocab_size=400)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -20,17 +38,30 @@ def small_run_options(cache: Path) -> list[str]:
         "--dataloader.num_images", "256",
         "--dataloader.num_videos", "64",
         "--dataloader.num_texts", "256",
+        "--dataloader.num_actions", "64",
         "--dataloader.samples_per_shard", "64",
         "--dataloader.cache_dir", str(cache),
         "--metrics.log_freq", "1",
     ]
 
 
+def run_module(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
 def run_unimm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "unimm.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return run_module("unimm.cli", *args, timeout=timeout)
 
 
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     return {row["step"]: row[key] for row in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def train_recipe(recipe: str, out: Path, cache: Path, *extra: str, steps: int, nproc: int = 1):
+    """`unimm train` of a small run; fails the test with the run's output tail if it fails."""
+    result = run_unimm(
+        "train", "--recipe", recipe, "--out", str(out), "--steps", str(steps), "--nproc", str(nproc),
+        *small_run_options(cache), *extra,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

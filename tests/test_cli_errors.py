@@ -42,5 +42,5 @@ def test_params_json_output():
     import json
 
     counts = json.loads(run_unimm("params", "--recipe", "modality_ffn_2b3", "--json").stdout)
-    assert set(counts) == {"total_params", "active_params", "adapter_params"}
+    assert {"total_params", "active_params", "adapter_params"} <= set(counts)
     assert counts["total_params"] > counts["active_params"] > 0

@@ -4,18 +4,13 @@ import json
 
 import pytest
 
-from conftest import losses, run_unimm, small_run_options
+from conftest import losses, train_recipe
 
 pytestmark = pytest.mark.slow
 
 
 def train(out, cache, *extra, steps, nproc=1):
-    result = run_unimm(
-        "train", "--recipe", "debug_cpu_moe", "--out", str(out), "--steps", str(steps),
-        "--nproc", str(nproc), *small_run_options(cache), *extra,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return train_recipe("debug_cpu_moe", out, cache, *extra, steps=steps, nproc=nproc)
 
 
 def test_expert_parallel_over_two_processes_matches_one(tmp_path, data_cache):

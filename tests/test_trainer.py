@@ -2,18 +2,13 @@
 
 import pytest
 
-from conftest import losses, run_unimm, small_run_options
+from conftest import losses, train_recipe
 
 pytestmark = pytest.mark.slow
 
 
 def train(out, cache, *extra, steps=8, nproc=1):
-    result = run_unimm(
-        "train", "--recipe", "debug_cpu", "--out", str(out), "--steps", str(steps),
-        "--nproc", str(nproc), *small_run_options(cache), *extra,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return train_recipe("debug_cpu", out, cache, *extra, steps=steps, nproc=nproc)
 
 
 def test_two_processes_match_one_and_resume_continues_the_curve(tmp_path, data_cache):

@@ -36,11 +36,12 @@ def load_recipe(name: str, overrides: list[str] | None = None):
     return ConfigManager().parse_args(["--module", RECIPE_MODULE, "--config", name, *(overrides or [])])
 
 
-def preflight(config) -> None:
+def preflight(config):
+    """Check the recipe against its data without building the model; returns the manifest."""
     model_config = config.model_spec.model
     model_config.update_from_config(config=config)
-    config.dataloader.latent_dim = model_config.latent_dim
-    config.dataloader.prepare(config.training.seq_len)
+    config.dataloader.bind_model(model_config)
+    return config.dataloader.prepare(config.training.seq_len, config.tokenizer.build())
 
 
 def torchrun_command(recipe: str, overrides: list[str], nproc: int) -> list[str]:

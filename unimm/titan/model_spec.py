@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torchtitan.protocols.model_spec import ModelSpec
 
+from unimm.convert.state_dict_adapter import UnimmStateDictAdapter
 from unimm.model.ffn import FFNConfig
 from unimm.model.moe import MoEConfig
 from unimm.model.transformer import UnimmModel
@@ -86,5 +87,5 @@ def model_registry(flavor: str) -> ModelSpec:
         parallelize_fn=parallelize_unimm,
         pipelining_fn=None,
         post_optimizer_build_fn=None,
-        state_dict_adapter=None,
+        state_dict_adapter=UnimmStateDictAdapter,
     )

@@ -19,7 +19,6 @@ from torchtitan.trainer import Trainer
 
 from unimm.data.batch import IGNORE_INDEX
 from unimm.data.loader import MultimodalDataLoader
-from unimm.errors import ConfigError
 from unimm.flow import frame_noise, interpolate
 from unimm.losses import TransfusionLoss
 from unimm.masks import build_attention_mask
@@ -41,14 +40,8 @@ class UnimmTrainer(Trainer):
     def __init__(self, config: Config):
         compat.apply()
         model_config = config.model_spec.model
-        config.dataloader.latent_dim = model_config.latent_dim
-        config.dataloader.vocab_size = model_config.vocab_size
+        config.dataloader.bind_model(model_config)  # the loader checks its shards against both
         super().__init__(config)
-        if self.tokenizer.get_vocab_size() > model_config.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {self.tokenizer.get_vocab_size()} ids but the model's vocab_size "
-                f"is {model_config.vocab_size}: pick a recipe whose vocabulary fits --tokenizer.path"
-            )
         self.mask_backend = model_config.mask_backend(self.device)
         self.flow_shift = config.loss.flow.shift_factor(self.dataloader.manifest.tokens_per_frame, model_config.latent_dim)
         ffn = model_config.ffn

@@ -22,8 +22,8 @@ from unimm.data.loader import MultimodalDataLoader
 from unimm.flow import frame_noise, interpolate
 from unimm.losses import TransfusionLoss
 from unimm.masks import build_attention_mask
-from unimm.titan import compat
 from unimm.model.moe import moe_layers, update_expert_biases
+from unimm.titan import compat
 from unimm.titan.metrics_jsonl import ExpertLoadLog, JsonlLogger
 from unimm.tokenizer import Tokenizer
 

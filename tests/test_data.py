@@ -600,8 +600,8 @@ def test_stream_layout_is_validated(shards):
         _dataset(shards, num_streams=3, dp_world_size=2)
     with pytest.raises(ValueError, match="local_batch_size 3"):
         _dataset(shards, num_streams=2, local_batch_size=3)
-    with pytest.raises(ValueError, match="num_workers"):
-        _config(shards=str(shards), num_workers=2).build(**BUILD)
+    with pytest.raises(ValueError, match="num_workers=2"):
+        _config(shards=str(shards), num_streams=1, num_workers=2).build(**BUILD)
 
 
 def test_resume_is_exact(shards):
@@ -622,6 +622,27 @@ def test_resume_is_exact(shards):
     for a, b in zip(expected, got):
         _assert_batches_equal(a, b)
     assert resumed.stats() == loader.stats()
+
+
+def test_two_workers_take_turns_and_resume_exactly(shards):
+    # 2 streams, 2 workers: worker w builds every batch from stream w, workers alternate
+    cfg = _config(shards=str(shards), num_streams=2, num_workers=2)
+    build = {**BUILD, "seq_len": 1024, "local_batch_size": 2, "snapshot_every_n_steps": 1}
+    loader = cfg.build(**build)
+    it = iter(loader)
+    reference = _dataset(shards, local_batch_size=2, num_streams=2, num_workers=2, seq_len=1024)
+    first = [next(it) for _ in range(4)]
+    for i, batch in enumerate(first):
+        _assert_batches_equal(batch, reference.next_batch(group=i % 2))
+    assert loader.stats()["rows"] == 4 * 2, "counters arrive from both workers"
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(4)]
+
+    resumed = cfg.build(**build)
+    resumed.load_state_dict(state)
+    got = [b for _, b in zip(range(4), resumed)]
+    for a, b in zip(expected, got):
+        _assert_batches_equal(a, b)
 
 
 def test_resume_is_exact_on_two_ranks(shards):

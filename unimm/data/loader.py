@@ -29,11 +29,12 @@ Exact resume: every stream's reader positions, RNG state, per-source counts and 
 carry-over are in the dataset's state_dict, which torchdata's StatefulDataLoader saves between
 batches.
 
-Worker processes: the loader runs in the training process (num_workers = 0). Workers would each
-build whole batches from a subset of the streams, so the global batch would depend on the
-worker count, and they are not needed: docs/benchmarks.md measures one process packing the
-paper's batches (4 x 4096 positions, SigLIP 2 latents) about 4x faster than an H100 consumes
-them (tools/bench_loader.py).
+Worker processes (`num_workers` W > 0): the rank's streams are split into W contiguous groups,
+worker w owns group w and builds whole local batches from its own streams only, and the
+dataloader takes batches from the workers in turn. The batch sequence then depends on
+(seed, S, global batch size, W); it stays deterministic and resumes exactly (torchdata keeps
+each worker's dataset state). One process is usually enough: docs/benchmarks.md measures it
+packing the paper's batches about 4x faster than an H100 consumes them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
 from unimm.data.packer import Packer, Row, empty_rows
@@ -65,6 +66,9 @@ MIN_SAMPLES_FOR_BAD_FRACTION = 200
 _SPECIAL_IDS = ("pad_id", "bos_id", "eos_id", "boi_id", "eoi_id")
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+# Input-dict key of (stream group, counters) on its way from a worker to MultimodalDataLoader,
+# which takes it off before the trainer sees the batch.
+STATS_KEY = "_stream_stats"
 
 
 class _Stream:
@@ -200,6 +204,7 @@ class PackedMultimodalDataset(IterableDataset):
         layout: LayoutSettings = LayoutSettings(),
         normalize_latents: bool = True,
         max_bad_fraction: float = 0.01,
+        num_workers: int = 0,
     ) -> None:
         num_streams = num_streams or dp_world_size
         if num_streams % dp_world_size:
@@ -207,10 +212,17 @@ class PackedMultimodalDataset(IterableDataset):
                 f"num_streams {num_streams} is not divisible by the data-parallel world size {dp_world_size}"
             )
         per_rank = num_streams // dp_world_size
-        if local_batch_size % per_rank:
+        groups = max(num_workers, 1)
+        if per_rank % groups:
             raise ConfigError(
-                f"local_batch_size {local_batch_size} is not divisible by the {per_rank} streams "
-                f"of each rank (num_streams {num_streams} / dp world size {dp_world_size})"
+                f"each rank's {per_rank} streams (num_streams {num_streams} / dp world size "
+                f"{dp_world_size}) must split evenly over dataloader.num_workers={num_workers}"
+            )
+        per_group = per_rank // groups
+        if local_batch_size % per_group:
+            raise ConfigError(
+                f"local_batch_size {local_batch_size} is not divisible by the {per_group} streams that "
+                f"build each batch (num_streams {num_streams} / dp world size {dp_world_size} / workers {groups})"
             )
         if not 0 <= max_bad_fraction < 1:
             raise ConfigError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
@@ -225,7 +237,8 @@ class PackedMultimodalDataset(IterableDataset):
             normalizer=manifest.normalizer if normalize_latents else None,
         )
         self.num_streams = num_streams
-        self.rows_per_stream = local_batch_size // per_rank
+        self.rows_per_stream = local_batch_size // per_group
+        self.streams_per_batch = per_group
         self._seq_len, self._latent_dim, self._pad_id = seq_len, spec.latent_dim, tokenizer.pad_id
         self.streams = [
             _Stream(
@@ -243,18 +256,29 @@ class PackedMultimodalDataset(IterableDataset):
             for s in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
         ]
 
-    def next_batch(self) -> Batch:
-        batch = empty_rows(len(self.streams) * self.rows_per_stream, self._seq_len, self._latent_dim, self._pad_id)
-        for i in range(len(self.streams) * self.rows_per_stream):
-            self.streams[i // self.rows_per_stream].next_row({k: v[i] for k, v in batch.items()})
+    def _group(self, group: int) -> list[_Stream]:
+        return self.streams[group * self.streams_per_batch : (group + 1) * self.streams_per_batch]
+
+    def next_batch(self, group: int = 0) -> Batch:
+        """One local batch from stream group ``group`` (the worker's; 0 without workers)."""
+        streams = self._group(group)
+        batch = empty_rows(len(streams) * self.rows_per_stream, self._seq_len, self._latent_dim, self._pad_id)
+        for i in range(len(streams) * self.rows_per_stream):
+            streams[i // self.rows_per_stream].next_row({k: v[i] for k, v in batch.items()})
         fields = {k: torch.from_numpy(v) for k, v in batch.items()}
         labels = fields.pop("labels")
         return fields, labels
 
     def __iter__(self):
         # All state lives in the streams, so a state_dict taken between batches resumes exactly.
+        # Each batch carries its group's counters for the metrics: a worker's streams advance
+        # in the worker process, not in the trainer's copy of the dataset.
+        worker = get_worker_info()
+        group = 0 if worker is None else worker.id
         while True:
-            yield self.next_batch()
+            fields, labels = self.next_batch(group)
+            fields[STATS_KEY] = (group, stream_stats(self._group(group)))
+            yield fields, labels
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -273,24 +297,28 @@ class PackedMultimodalDataset(IterableDataset):
             stream.load_state_dict(state["streams"][str(stream.index)])
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over this rank's streams, flat so they can go straight to a metrics
-        logger: totals, and per source ``documents/S``, ``positions/S``, ``samples/S``,
-        ``bad_samples/S``, ``read_errors/S``, ``too_long/S``."""
-        out: Counter[str] = Counter()
-        for stream in self.streams:
-            out["rows"] += stream.rows
-            out["padding_positions"] += stream.packer.padding
-            for name, cursor in stream.cursors.items():
-                counts = {
-                    **cursor.counters,
-                    "documents": stream.documents[name],
-                    "positions": stream.positions[name],
-                    "too_long": stream.too_long[name],
-                }
-                for key, n in counts.items():
-                    out[f"{key}/{name}"] += n
-                    out[key] += n
-        return dict(out)
+        return stream_stats(self.streams)
+
+
+def stream_stats(streams: list[_Stream]) -> dict[str, int]:
+    """Counters summed over streams, flat so they can go straight to a metrics logger: totals,
+    and per source ``documents/S``, ``positions/S``, ``samples/S``, ``bad_samples/S``,
+    ``read_errors/S``, ``too_long/S``."""
+    out: Counter[str] = Counter()
+    for stream in streams:
+        out["rows"] += stream.rows
+        out["padding_positions"] += stream.packer.padding
+        for name, cursor in stream.cursors.items():
+            counts = {
+                **cursor.counters,
+                "documents": stream.documents[name],
+                "positions": stream.positions[name],
+                "too_long": stream.too_long[name],
+            }
+            for key, n in counts.items():
+                out[f"{key}/{name}"] += n
+                out[key] += n
+    return dict(out)
 
 
 def _check_weights(weights: dict[str, float], manifest: Manifest) -> dict[str, float]:
@@ -415,8 +443,6 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         local_batch_size: int,
         snapshot_every_n_steps: int | None = 1,
     ) -> None:
-        if config.num_workers:
-            raise ConfigError("the multimodal loader runs in the training process: set num_workers = 0 (see loader.py)")
         self.manifest = config.prepare(seq_len, tokenizer)
         dataset = PackedMultimodalDataset(
             manifest=self.manifest,
@@ -431,19 +457,34 @@ class MultimodalDataLoader(ParallelAwareDataloader):
             layout=LayoutSettings(config.p_understanding, config.cond_dropout, config.noised_action_context),
             normalize_latents=config.normalize_latents,
             max_bad_fraction=config.max_bad_fraction,
+            num_workers=config.num_workers,
         )
+        self._group_stats: dict[int, dict[str, int]] = {}
         super().__init__(
             dataset,
             dp_rank=dp_rank,
             dp_world_size=dp_world_size,
             batch_size=None,
             collate_fn=_keep,
+            num_workers=config.num_workers,
+            persistent_workers=config.persistent_workers,
+            prefetch_factor=config.prefetch_factor,
             pin_memory=config.pin_memory,
             snapshot_every_n_steps=snapshot_every_n_steps,
         )
 
+    def __iter__(self):
+        for inputs, labels in super().__iter__():
+            group, stats = inputs.pop(STATS_KEY)
+            self._group_stats[group] = stats
+            yield inputs, labels
+
     def stats(self) -> dict[str, int]:
-        return self.dataset.stats()
+        """Counters of this rank's streams as of the last batch handed out."""
+        total: Counter[str] = Counter()
+        for stats in self._group_stats.values():
+            total.update(stats)
+        return dict(total)
 
 
 def _shard_folder(config: MultimodalDataLoader.Config, tokenizer: Tokenizer) -> Path:

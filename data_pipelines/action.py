@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoder_spec_from_args
+from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoding_options
 from unimm.data_pipelines.images import IMAGE_SUFFIXES, UndecodableImage, decode_image, fit_square
 from unimm.data_pipelines.poses import action_text, relative_action
 from unimm.data_pipelines.records import expand_inputs, read_records
@@ -260,14 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     nwm.add_argument("--position-scale", type=float, default=defaults.position_scale)
     annotated.add_argument("--fps", type=float, default=1.0)
     args = parser.parse_args(argv)
-    common = dict(
-        encoder=encoder_spec_from_args(args),
-        tokenizer=Tokenizer.Config(path=args.tokenizer),
-        per_shard=args.per_shard,
-        workers=args.workers,
-        device=args.device,
-        batch_size=args.batch_size,
-    )
+    common = dict(**encoding_options(args), per_shard=args.per_shard)
     if args.command == "nwm":
         settings = NwmSettings(args.context, args.frame_stride, args.horizon, args.sample_stride, args.position_scale)
         manifest = nwm_job(args.out, args.source, args.inputs, settings=settings, **common)

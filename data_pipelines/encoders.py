@@ -24,6 +24,7 @@ import numpy as np
 from unimm.data_pipelines import semantic, vae
 from unimm.data_pipelines.raw_pixels import RawPixels
 from unimm.errors import ConfigError
+from unimm.tokenizer import Tokenizer
 
 NAMES = ("raw_pixels", *semantic.NAMES, *vae.NAMES)
 _DEFAULT_IMAGE_SIZE = {"raw_pixels": 224, **{n: 224 for n in semantic.NAMES}, **{n: 256 for n in vae.NAMES}}
@@ -82,5 +83,13 @@ def add_encoder_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="frames per encoder call")
 
 
-def encoder_spec_from_args(args) -> EncoderSpec:
-    return EncoderSpec(args.encoder, args.encoder_path, args.image_size, args.patch)
+def encoding_options(args) -> dict:
+    """The keyword arguments every encoding job takes from its command line (encoder, tokenizer,
+    processes, device, encoder batch), from ``add_job_arguments`` + ``add_encoder_arguments``."""
+    return dict(
+        encoder=EncoderSpec(args.encoder, args.encoder_path, args.image_size, args.patch),
+        tokenizer=Tokenizer.Config(path=args.tokenizer),
+        workers=args.workers,
+        device=args.device,
+        batch_size=args.batch_size,
+    )

@@ -28,7 +28,7 @@ from typing import Any
 
 import webdataset as wds
 
-from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoder_spec_from_args
+from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoding_options
 from unimm.data_pipelines.images import IMAGE_SUFFIXES, UndecodableImage, decode_image, fit_square
 from unimm.data_pipelines.records import count_records, read_records
 from unimm.data_pipelines.shard_job import Job, Record, ShardTask, Skip, add_job_arguments, chunked, cli, run_job
@@ -177,14 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         args.source,
         args.inputs,
         directions=tuple(d.strip() for d in args.directions.split(",") if d.strip()),
-        encoder=encoder_spec_from_args(args),
-        tokenizer=Tokenizer.Config(path=args.tokenizer),
+        **encoding_options(args),
         caption_field=args.caption_field,
         image_column=args.image_column,
         per_shard=args.per_shard,
-        workers=args.workers,
-        device=args.device,
-        batch_size=args.batch_size,
     )
     print(f"wrote {manifest}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoder_spec_from_args
+from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoding_options
 from unimm.data_pipelines.images import fit_square
 from unimm.data_pipelines.records import expand_inputs
 from unimm.data_pipelines.shard_job import Job, Record, Skip, add_job_arguments, chunked, cli, run_job
@@ -133,15 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         args.source,
         args.inputs,
-        encoder=encoder_spec_from_args(args),
-        tokenizer=Tokenizer.Config(path=args.tokenizer),
+        **encoding_options(args),
         fps=args.fps,
         clip_frames=args.clip_frames,
         min_clip_frames=args.min_clip_frames,
         per_shard=args.per_shard,
-        workers=args.workers,
-        device=args.device,
-        batch_size=args.batch_size,
     )
     print(f"wrote {manifest}")
 

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unimm.data_pipelines import navigation, probes, procedural, reasoning
-from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoder_spec_from_args
+from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoding_options
 from unimm.data_pipelines.mix import mix_manifests
 from unimm.data_pipelines.shard_job import Job, Record, ShardTask, cli, run_job
 from unimm.errors import ConfigError
@@ -261,15 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     manifest = write_procedural(
         args.out,
         counts,
-        encoder=encoder_spec_from_args(args),
-        tokenizer=Tokenizer.Config(path=args.tokenizer),
+        **encoding_options(args),
         seed=args.seed,
         video_frames=args.video_frames,
         ood=args.ood,
         samples_per_shard=args.per_shard,
-        workers=args.workers,
-        device=args.device,
-        batch_size=args.batch_size,
     )
     print(f"wrote {manifest}")
 

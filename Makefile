@@ -1,16 +1,35 @@
-# Two entry points for a fresh machine (see README): `make demo` and `make test`.
-# Each creates .venv, installs torch first (pinned, so a CPU machine keeps its CPU wheel),
-# then the project, then runs.
+# Entry points for a fresh machine (see README): `make demo` and `make test`.
+#
+# Installs are locked. torch is installed first from its own pin (a CPU machine keeps its CPU
+# wheel, a CUDA machine gets the CUDA build of the same version, with the triton that build
+# pins); every other package comes from requirements.lock at the exact version CI tested;
+# the project itself goes in last without dependencies, and `pip check` proves the set is
+# consistent. pyproject.toml keeps ranges, for users who install unimm as a library.
 PYTHON ?= python3
 VENV := .venv
-TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
+LOCK := requirements.lock
+TORCH_VERSION ?= 2.13.0
+# A CPU torch wheel brings no triton; torchtitan imports it and the kernel tests interpret it.
+TRITON_VERSION ?= 3.9.0
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+# The lock is resolved for this interpreter and platform.
+LOCK_PYTHON ?= 3.11
+LOCK_PLATFORM ?= x86_64-manylinux_2_28
 
-$(VENV)/.installed: pyproject.toml
+define install_torch
+	$(1) -m pip install --quiet pip==$(PIP_VERSION)
+	$(1) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(1) -c "import triton" 2>/dev/null || $(1) -m pip install --quiet triton==$(TRITON_VERSION)
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test,hf]"
+	$(call install_torch,$(PY))
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # the locked setuptools builds it
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,4 +40,27 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-.PHONY: install demo test
+# Re-resolve the lock to the newest releases pyproject.toml allows. torch is resolved at
+# TORCH_VERSION against its CPU wheel (PIP_FIND_LINKS, where this machine keeps it) so that
+# the CUDA build's dependencies stay out of the lock; torch and triton are not written to it.
+lock:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+	echo "torch==$(TORCH_VERSION)" | $(VENV)/bin/uv pip compile pyproject.toml - --quiet \
+		--extra test --extra hf --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
+		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+		--no-emit-package torch --no-emit-package triton --upgrade -o $(LOCK)
+	@! grep -q '^nvidia-' $(LOCK) || { echo "make lock: CUDA packages came in through torch; resolve against a CPU torch wheel (set PIP_FIND_LINKS)"; exit 1; }
+
+# The suite on the newest releases pyproject.toml allows (torch stays at TORCH_VERSION), in a
+# venv of its own: drift shows here before a user's fresh install meets it.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(call install_torch,$(LATEST)/bin/python)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,hf]"
+	$(LATEST)/bin/python tools/lock_drift.py $(LOCK) $(LATEST)/bin/python
+	$(LATEST)/bin/python -m pytest -q
+
+.PHONY: install demo test lock test-latest

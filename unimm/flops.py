@@ -62,15 +62,15 @@ class PositionMix:
 
 # A typical packed row, for torchtitan's MFU, which knows the model and seq_len but not the data.
 # Position shares follow the paper mixture's token shares (App. E.8: 50% text, 25% video, 22.5%
-# image-text): ~45% of positions are visual, ~35% are noised (video frames and the generation
-# half of the images), ~50% carry a next-token target. The densities are `measure_mix` on
+# image-text): ~45% of positions are visual, and all of them are noised (App. B: every frame,
+# conditioning frames included, gets its own t and a flow loss), ~50% carry a next-token target. The densities are `measure_mix` on
 # debug_cpu's procedural mixture at 256 positions (batches of 16 rows: text 0.23-0.26, vision
 # 0.23-0.32), rounded: packing several documents per row makes the mask much sparser than
 # causal (0.5), and a frame's queries see their whole frame. At 4096 positions web documents
 # are longer but rows also hold more of them; measure real shards with `measure_mix` when it
 # matters. At the paper's size the attention term is under 10% of the count, so the choice
 # moves MFU by a few percent.
-TYPICAL_MIX = PositionMix(vision=0.45, lm_targets=0.5, denoised=0.35, text_density=0.25, vision_density=0.3)
+TYPICAL_MIX = PositionMix(vision=0.45, lm_targets=0.5, denoised=0.45, text_density=0.25, vision_density=0.3)
 
 
 @dataclass(frozen=True)

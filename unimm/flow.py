@@ -27,7 +27,9 @@ class FlowMatchingConfig:
     shift_value: float = 3.0
     rae_base_dim: int = 4096
     x_pred_min_one_minus_t: float = 0.05
-    """Floor on (1 - t) when an x-prediction is turned into a velocity (avoids dividing by ~0)."""
+    """Floor on (1 - t) when an x-prediction is turned into a velocity in the loss (avoids
+    dividing by ~0). The loss applies it to the prediction and the target alike (JiT), so a
+    perfect prediction scores 0 at every t; the sampler never needs it (``euler_step``)."""
 
     def shift_factor(self, tokens_per_frame: int, latent_dim: int) -> float:
         if self.shift == "none":
@@ -62,7 +64,7 @@ def velocity_target(z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 def predicted_velocity(
     pred: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, config: FlowMatchingConfig
 ) -> torch.Tensor:
-    """The velocity a head output stands for; used by the loss and by the Euler sampler."""
+    """The velocity a head output stands for, (1 - t) floored for an x-prediction."""
     if config.prediction == "v":
         return pred
     # x-prediction: z_t = (1 - t) eps + t x  =>  v = (x - z_t) / (1 - t)
@@ -72,10 +74,40 @@ def predicted_velocity(
 def flow_loss_sum(
     pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, config: FlowMatchingConfig
 ) -> torch.Tensor:
-    """Sum of squared velocity errors; the caller divides by the (global) element count."""
-    z_t = interpolate(z0, eps, t)
-    v_hat = predicted_velocity(pred.float(), z_t, t, config)
-    return (v_hat - velocity_target(z0, eps)).pow(2).sum()
+    """Sum of squared velocity errors; the caller divides by the (global) element count.
+
+    x-prediction (JiT): the implied velocity (x - z_t) / max(1 - t, floor) is compared with
+    the target written the same way, (z0 - z_t) / max(1 - t, floor), which is z0 - eps
+    wherever 1 - t >= floor. The error is then (x - z0) / max(1 - t, floor): the v-loss
+    weighting 1 / (1 - t)^2 away from the floor, a bounded weight near t = 1, and the
+    minimiser x = z0 at every t (a floored prediction against an unfloored target would
+    pull x away from z0 near clean frames).
+    """
+    if config.prediction == "v":
+        return (pred.float() - velocity_target(z0, eps)).pow(2).sum()
+    one_minus_t = (1.0 - t).clamp_min(config.x_pred_min_one_minus_t)
+    return ((pred.float() - z0) / one_minus_t).pow(2).sum()
+
+
+def time_grid(steps: int, shift: float) -> list[float]:
+    """The sampler's ``steps + 1`` times from 0 (noise) to 1 (clean): the uniform grid moved
+    by the training's shift, so grid point k is the k/steps quantile of the training's t."""
+    return shift_t(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), shift).tolist()
+
+
+def euler_step(
+    pred: torch.Tensor, z_t: torch.Tensor, t: float, t_next: float, config: FlowMatchingConfig
+) -> torch.Tensor:
+    """One Euler step of the flow from t to t_next for a head output ``pred``.
+
+    x-prediction: v = (x - z_t) / (1 - t) without the loss's floor (t < 1 on the grid), so
+    the step moves along the line to x and the last step (t_next = 1) lands on x itself.
+    """
+    if config.prediction == "v":
+        return z_t + (t_next - t) * pred
+    if not t < 1.0:
+        raise ValueError(f"an Euler step needs t < 1, got {t}")
+    return z_t + ((t_next - t) / (1.0 - t)) * (pred - z_t)
 
 
 def frame_noise(
@@ -89,8 +121,9 @@ def frame_noise(
 
     Seeding each row from (seed, step, global row index) makes the noise independent of how
     rows are spread over processes, so 1 and N processes see identical training data, and a
-    resumed run draws what the uninterrupted run would have. Clean (conditioning) visual
-    positions get t = 1; text positions get t = 1 too (ignored by the model).
+    resumed run draws what the uninterrupted run would have. Visual positions with
+    ``denoise`` False (clean conditioning frames, ``dataloader.clean_conditioning_frames``)
+    get t = 1; text positions get t = 1 too (ignored by the model).
     """
     B, L, C = latents_BLC.shape
     device = latents_BLC.device

@@ -3,18 +3,96 @@
 Both parts are sums divided by global counts (text targets; noised latent elements) taken
 over the whole global batch, so that gradients summed over data-parallel ranks (torchtitan
 disables FSDP's own averaging) are exactly the global means.
+
+Optional loss centering (paper App. D.2, ``loss_centering``) replaces the fixed lambdas
+with per-step weights; see ``LossCentering``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchtitan.components.loss import BaseLoss
 from torchtitan.config import CompileConfig
 
+from unimm.errors import ConfigError
 from unimm.flow import FlowMatchingConfig, flow_loss_sum
+
+
+class LossCentering:
+    """Adaptive loss weights from an EMA of the loss magnitudes (paper App. D.2, eqs. 5-6).
+
+    Each step: c_current = alpha * L_flow + (1 - alpha) * L_LM; the running center
+    c_target <- mu * c_target + (1 - mu) * c_current; the weights are
+    w_flow = c_target / L_flow and w_LM = c_target / L_LM (constants: no gradient flows
+    through them), so each loss is scaled to the shared center. The first step starts the
+    EMA at its own c_current (the paper leaves the initial value open).
+
+    Gradient accumulation: the EMA advances once per optimiser step with the step's losses
+    (``update``). A microbatch is weighted before the step's losses are known: it uses its
+    own losses (``weights``: the center advanced by its c_current, and divided by its
+    losses), which is exactly the rule above when a step has one microbatch.
+
+    A step without text targets (or without noised latents) leaves the center as it was;
+    the missing part's weight is 0 (its loss is 0 as well).
+
+    Its state (the center and the steps it has seen) is checkpointed (torchtitan Stateful),
+    so a resumed run continues with the same weights.
+    """
+
+    def __init__(self, alpha: float, momentum: float):
+        if not 0.0 <= alpha <= 1.0 or not 0.0 <= momentum < 1.0:
+            raise ConfigError(
+                f"loss centering needs 0 <= center_alpha <= 1 and 0 <= center_momentum < 1, got {alpha}, {momentum}"
+            )
+        self.alpha, self.momentum = alpha, momentum
+        self.center = 0.0
+        self.steps = 0
+        self.last: dict[str, float] = {}
+
+    def _advanced(self, loss_lm: float, loss_flow: float) -> float | None:
+        """The center after one EMA update with these losses; None when a part is missing."""
+        if loss_lm <= 0.0 or loss_flow <= 0.0:
+            return None
+        current = self.alpha * loss_flow + (1.0 - self.alpha) * loss_lm
+        if self.steps == 0:
+            return current
+        return self.momentum * self.center + (1.0 - self.momentum) * current
+
+    def _weights(self, center: float, loss_lm: float, loss_flow: float) -> tuple[float, float]:
+        return (center / loss_lm if loss_lm > 0 else 0.0, center / loss_flow if loss_flow > 0 else 0.0)
+
+    def weights(self, loss_lm: float, loss_flow: float) -> tuple[float, float] | None:
+        """(w_LM, w_flow) for a (micro)batch with these mean losses, without advancing the
+        EMA; None before the center exists and without both losses (use the lambdas)."""
+        center = self._advanced(loss_lm, loss_flow)
+        if center is None:
+            if self.steps == 0:
+                return None
+            center = self.center
+        return self._weights(center, loss_lm, loss_flow)
+
+    def update(self, loss_lm: float, loss_flow: float) -> None:
+        """Advance the EMA with the step's mean losses (once per optimiser step)."""
+        center = self._advanced(loss_lm, loss_flow)
+        if center is not None:
+            self.center, self.steps = center, self.steps + 1
+        if self.steps:
+            w_lm, w_flow = self._weights(self.center, loss_lm, loss_flow)
+            self.last = {"loss/center_c": self.center, "loss/weight_lm": w_lm, "loss/weight_flow": w_flow}
+
+    def metrics(self) -> dict[str, float]:
+        """The center after the last step and the weights c_target / L of that step's losses."""
+        return dict(self.last)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"center": self.center, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.center, self.steps = float(state["center"]), int(state["steps"])
 
 
 class TransfusionLoss(BaseLoss):
@@ -23,9 +101,45 @@ class TransfusionLoss(BaseLoss):
         lambda_lm: float = 1.0
         lambda_flow: float = 3.0
         flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+        loss_centering: bool = False
+        """Replace lambda_lm / lambda_flow by the adaptive weights of paper App. D.2."""
+        center_alpha: float = 0.5
+        """Emphasis of the center c = alpha * L_flow + (1 - alpha) * L_LM: toward 1 favours
+        vision, toward 0 text."""
+        center_momentum: float = 0.99
+        """EMA momentum mu of the running center."""
 
     def __init__(self, config: Config, *, compile_config: CompileConfig | None = None):
         self.config = config
+        self.centering = (
+            LossCentering(config.center_alpha, config.center_momentum) if config.loss_centering else None
+        )
+
+    def parts(
+        self,
+        logits_NV: torch.Tensor,
+        text_labels_N: torch.Tensor,
+        flow_pred_MC: torch.Tensor,
+        z0_MC: torch.Tensor,
+        eps_MC: torch.Tensor,
+        t_M1: torch.Tensor,
+        global_counts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_LM, L_flow): this microbatch's sums over the global counts."""
+        loss_lm = F.cross_entropy(logits_NV.float(), text_labels_N, reduction="sum") / global_counts[0]
+        loss_flow = flow_loss_sum(flow_pred_MC, z0_MC, eps_MC, t_M1, self.config.flow) / global_counts[1]
+        return loss_lm, loss_flow
+
+    def combine(
+        self,
+        loss_lm: torch.Tensor,
+        loss_flow: torch.Tensor,
+        router_loss: torch.Tensor,
+        weights: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """w_LM * L_LM + w_flow * L_flow + router term; ``weights`` None: the lambdas."""
+        w_lm, w_flow = weights if weights is not None else (self.config.lambda_lm, self.config.lambda_flow)
+        return w_lm * loss_lm + w_flow * loss_flow + router_loss
 
     def __call__(
         self,
@@ -37,11 +151,25 @@ class TransfusionLoss(BaseLoss):
         t_M1: torch.Tensor,
         global_counts: torch.Tensor,
         router_loss: torch.Tensor,
+        weights: tuple[float, float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``global_counts`` = [text targets, noised latent elements] in the global batch;
         ``router_loss``: the MoE load-balancing term, already weighted and scaled to this
-        rank's share of the batch (zero without routed FFNs)."""
-        loss_lm = F.cross_entropy(logits_NV.float(), text_labels_N, reduction="sum") / global_counts[0]
-        loss_flow = flow_loss_sum(flow_pred_MC, z0_MC, eps_MC, t_M1, self.config.flow) / global_counts[1]
-        loss = self.config.lambda_lm * loss_lm + self.config.lambda_flow * loss_flow + router_loss
+        rank's share of the batch (zero without routed FFNs); ``weights``: (w_LM, w_flow)
+        in place of the lambdas (loss centering)."""
+        loss_lm, loss_flow = self.parts(logits_NV, text_labels_N, flow_pred_MC, z0_MC, eps_MC, t_M1, global_counts)
+        loss = self.combine(loss_lm, loss_flow, router_loss, weights)
         return loss, {"loss_lm": loss_lm.detach(), "loss_flow": loss_flow.detach()}
+
+    # torchtitan Stateful: the trainer registers the loss in its checkpoint when centering is on.
+    def state_dict(self) -> dict[str, Any]:
+        return self.centering.state_dict() if self.centering is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.centering is not None:
+            self.centering.load_state_dict(state)
+
+    def metrics(self) -> dict[str, float]:
+        """``loss/center_c``, ``loss/weight_lm``, ``loss/weight_flow`` of the last step
+        (empty without centering)."""
+        return self.centering.metrics() if self.centering is not None else {}

@@ -1,11 +1,18 @@
-"""Mixed-mode generation with one KV cache (paper §2.1, App. E.3).
+"""Mixed-mode generation with one KV cache (paper §2.1, App. B, App. E.3).
 
 Text is sampled token by token. When the model emits ``<boi>``, a frame of noise latents is
-appended and denoised in place by an Euler sampler over the flow (25 steps, classifier-free
-guidance 3.0 by default); the finished frame is written into the cache as clean context
-(t = 1, as images that condition text are seen in training), ``<eoi>`` follows, and text
-continues. The unconditional branch of guidance is the context a dropped caption leaves in
-training: ``<bos> <boi>``.
+appended and denoised in place by an Euler sampler over the flow (25 steps on the training's
+shifted time grid, classifier-free guidance 3.0 by default: v = v_uncond + s * (v_cond -
+v_uncond)); the finished frame is written into the cache as clean context (t = 1), ``<eoi>``
+follows, and text continues.
+
+The unconditional branch of guidance is the context a dropped condition leaves in training
+(``unimm.data.sequences``: the caption or action text is dropped, frames stay): the
+conditional context less every text token but ``<bos>``, ``<boi>`` and ``<eoi>``. So a T->I
+image is guided against ``<bos> <boi>``, the second frame of a video against
+``<bos> <boi> f1 <eoi> <boi>``, an NWM target against its four context frames without the
+action. Each context records that skeleton and builds its unconditional twin the first time a
+frame is generated in it, then keeps the twin in step (frames are fed to both).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from unimm.data.batch import TEXT, VISION
-from unimm.flow import FlowMatchingConfig, predicted_velocity, shift_t
+from unimm.flow import FlowMatchingConfig, euler_step, time_grid
 from unimm.model.attention import LayerKVCache
 from unimm.model.transformer import UnimmModel
 
@@ -30,11 +37,15 @@ class SamplingConfig:
 
 
 class Context:
-    """One sequence being generated: its per-layer KV cache and length."""
+    """One sequence being generated: its per-layer KV cache and length, and what its
+    unconditional branch holds (``skeleton`` until ``uncond`` is built)."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, *, track_uncond: bool = True):
         self.caches = [LayerKVCache() for _ in range(n_layers)]
         self.length = 0
+        # ("text", ids) / ("frame", latents) segments of the unconditional branch
+        self.skeleton: list[tuple[str, object]] | None = [] if track_uncond else None
+        self.uncond: Context | None = None
 
 
 class MixedModalSampler:
@@ -52,6 +63,7 @@ class MixedModalSampler:
         self.tokens_per_frame, self.config, self.generator = tokens_per_frame, config, generator
         self.latent_dim = model.config.latent_dim
         self.device = next(model.parameters()).device
+        self._structural = {tokenizer.bos_id, tokenizer.boi_id, tokenizer.eoi_id}
 
     def new_context(self) -> Context:
         return Context(len(self.model.layers))
@@ -80,47 +92,118 @@ class MixedModalSampler:
 
     @torch.no_grad()
     def feed_text(self, ctx: Context, ids: list[int]) -> torch.Tensor:
-        """Append text; return the logits after its last token."""
+        """Append text; return the logits after its last token. Only ``<bos>``, ``<boi>``
+        and ``<eoi>`` reach the unconditional branch (the rest is condition)."""
         tokens = torch.tensor(ids, device=self.device)
         latents = torch.zeros(len(ids), self.latent_dim, device=self.device)
         h = self._run(ctx, tokens, latents, torch.ones(len(ids), device=self.device), TEXT, commit=True)
+        structural = [i for i in ids if i in self._structural]
+        if structural:
+            if ctx.uncond is not None:
+                self.feed_text(ctx.uncond, structural)
+            elif ctx.skeleton is not None:
+                ctx.skeleton.append(("text", structural))
         return self.model.lm_head(h[-1])
 
     def feed_frame(self, ctx: Context, latents: torch.Tensor) -> None:
-        """Append a clean frame [N, C] as context."""
+        """Append a clean frame [N, C] as context (to the unconditional branch as well)."""
         self._run(ctx, self._pad_tokens(), latents, torch.ones(len(latents), device=self.device), VISION, commit=True)
+        if ctx.uncond is not None:
+            self.feed_frame(ctx.uncond, latents)
+        elif ctx.skeleton is not None:
+            ctx.skeleton.append(("frame", latents))
 
     def _pad_tokens(self) -> torch.Tensor:
         return torch.full((self.tokens_per_frame,), self.tokenizer.pad_id, device=self.device)
 
+    def unconditional(self, ctx: Context) -> Context:
+        """The unconditional twin of ``ctx``: its frames and structural tokens, in order."""
+        if ctx.uncond is None:
+            if ctx.skeleton is None:
+                raise ValueError("this context does not track an unconditional branch")
+            uncond = Context(len(self.model.layers), track_uncond=False)
+            text: list[int] = []
+            for kind, segment in ctx.skeleton:
+                if kind == "text":
+                    text += segment
+                    continue
+                if text:
+                    self.feed_text(uncond, text)
+                    text = []
+                self.feed_frame(uncond, segment)
+            if text:
+                self.feed_text(uncond, text)
+            ctx.uncond, ctx.skeleton = uncond, None
+        return ctx.uncond
+
     # -- images ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _velocity(self, ctx: Context, z: torch.Tensor, t: float) -> torch.Tensor:
+    def _prediction(self, ctx: Context, z: torch.Tensor, t: float) -> torch.Tensor:
+        """The flow head's output (velocity or clean latent, as trained) for frame ``z`` at t."""
         t_N = torch.full((len(z),), t, device=self.device)
         h = self._run(ctx, self._pad_tokens(), z, t_N, VISION, commit=False)
-        return predicted_velocity(self.model.flow_head(h).float(), z, t_N[:, None], self.flow)
+        return self.model.flow_head(h).float()
 
-    def denoise_frame(self, cond: Context, uncond: Context | None) -> torch.Tensor:
+    def denoise_frame(self, cond: Context, uncond: Context | None = None) -> torch.Tensor:
         """Euler integration of the flow from noise (t = 0) to a clean frame (t = 1), on the
-        training's shifted time grid; both contexts must end with ``<boi>``."""
+        training's shifted time grid; both contexts must end with ``<boi>``. ``uncond``
+        defaults to ``cond``'s unconditional twin (no guidance when ``cfg_scale`` is 1).
+
+        Guidance combines the head outputs, pred = u + s * (c - u): for v-prediction that
+        is the guided velocity; for x-prediction the velocity (x - z) / (1 - t) is affine
+        in x, so it is the same guided velocity, and the last step lands on the guided x."""
+        guided = self.config.cfg_scale != 1.0
+        if guided and uncond is None:
+            uncond = self.unconditional(cond)
         z = torch.randn(self.tokens_per_frame, self.latent_dim, generator=self.generator, device=self.device)
-        grid = shift_t(torch.linspace(0.0, 1.0, self.config.euler_steps + 1), self.shift).tolist()
+        grid = time_grid(self.config.euler_steps, self.shift)
         for t, t_next in zip(grid[:-1], grid[1:]):
-            v = self._velocity(cond, z, t)
-            if uncond is not None and self.config.cfg_scale != 1.0:
-                v_uncond = self._velocity(uncond, z, t)
-                v = v_uncond + self.config.cfg_scale * (v - v_uncond)
-            z = z + (t_next - t) * v
+            pred = self._prediction(cond, z, t)
+            if guided:
+                pred_uncond = self._prediction(uncond, z, t)
+                pred = pred_uncond + self.config.cfg_scale * (pred - pred_uncond)
+            z = euler_step(pred, z, t, t_next, self.flow)
         return z
 
     def text_to_image(self, caption: str) -> torch.Tensor:
         """Latents [N, C] of an image generated for ``caption`` (the T->I layout of training)."""
         tk = self.tokenizer
-        cond, uncond = self.new_context(), self.new_context()
-        self.feed_text(cond, [tk.bos_id, *tk.encode(caption), tk.boi_id])
-        self.feed_text(uncond, [tk.bos_id, tk.boi_id])
-        return self.denoise_frame(cond, uncond)
+        ctx = self.new_context()
+        self.feed_text(ctx, [tk.bos_id, *tk.encode(caption), tk.boi_id])
+        return self.denoise_frame(ctx)
+
+    def _generate_frames(self, ctx: Context, num_frames: int) -> list[torch.Tensor]:
+        """``num_frames`` frames in a row; ``ctx`` ends with ``<boi>`` and ends with ``<eoi>``."""
+        tk, frames = self.tokenizer, []
+        for i in range(num_frames):
+            frame = self.denoise_frame(ctx)
+            frames.append(frame)
+            self.feed_frame(ctx, frame)
+            self.feed_text(ctx, [tk.eoi_id] if i == num_frames - 1 else [tk.eoi_id, tk.boi_id])
+        return frames
+
+    def generate_video(self, caption: str, num_frames: int) -> list[torch.Tensor]:
+        """Frames [N, C] of a video for ``caption`` (the video layout of training), each
+        guided against the earlier frames without the caption."""
+        tk = self.tokenizer
+        ctx = self.new_context()
+        self.feed_text(ctx, [tk.bos_id, *tk.encode(caption), tk.boi_id])
+        return self._generate_frames(ctx, num_frames)
+
+    def predict_frames(self, context: list[torch.Tensor], action: str, num_frames: int = 1) -> list[torch.Tensor]:
+        """Frames that follow ``context`` frames under ``action`` (the action layout of
+        training: NWM's 4 context frames and 1 target, annotated video's 1-4 and 1-4),
+        guided against the context frames without the action."""
+        tk = self.tokenizer
+        ctx = self.new_context()
+        self.feed_text(ctx, [tk.bos_id])
+        for frame in context:
+            self.feed_text(ctx, [tk.boi_id])
+            self.feed_frame(ctx, frame)
+            self.feed_text(ctx, [tk.eoi_id])
+        self.feed_text(ctx, [*tk.encode(action), tk.boi_id])
+        return self._generate_frames(ctx, num_frames)
 
     # -- text -----------------------------------------------------------------------------
 
@@ -142,9 +225,7 @@ class MixedModalSampler:
                 break
             logits = self.feed_text(ctx, [token])
             if token == tk.boi_id:
-                uncond = self.new_context()
-                self.feed_text(uncond, [tk.bos_id, tk.boi_id])
-                frame = self.denoise_frame(ctx, uncond)
+                frame = self.denoise_frame(ctx)
                 frames.append(frame)
                 self.feed_frame(ctx, frame)
                 ids.append(tk.eoi_id)

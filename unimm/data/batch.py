@@ -11,8 +11,10 @@ below are all the attention mask, the model and the losses need:
 - ``frame_ids``    int64. For visual positions, an index unique within the row for each
                    image or video frame; ``NO_FRAME`` (-1) for text.
 - ``positions``    int64. Position inside the document (RoPE restarts at each document).
-- ``denoise``      bool. Visual positions that are noised and trained with the flow loss.
-                   Images that condition text (understanding direction) stay clean: False.
+- ``denoise``      bool. Visual positions that are noised and trained with the flow loss:
+                   every image and frame by default (paper App. B); with
+                   ``dataloader.clean_conditioning_frames`` the images that condition text
+                   (understanding direction) and action context frames stay clean: False.
 - ``labels``       int64. Next text token to predict at this position, ``IGNORE_INDEX``
                    where there is none (visual positions, the last token of a document,
                    padding).
@@ -25,4 +27,16 @@ VISION = 1
 NO_FRAME = -1
 IGNORE_INDEX = -100  # torchtitan's value, kept identical for its loss utilities
 
+
+def padding_mask(tokens_BL, modality_BL, pad_id: int):
+    """True at the packer's trailing padding: text positions holding ``<pad>`` (documents hold
+    ``<pad>`` only at visual positions, whose token is unused). Works on arrays and tensors."""
+    return (tokens_BL == pad_id) & (modality_BL == TEXT)
+
+
 BATCH_KEYS = ("tokens", "latents", "modality", "document_ids", "frame_ids", "positions", "denoise")
+
+PROVENANCE_KEY = "_provenance"
+"""Optional input-dict entry (not a tensor): per row, the ``(shard, key)`` of each sample
+packed into it (``Packer.row_sources``). The trainer takes it off before the forward pass and
+names these samples when a step has a non-finite loss (``unimm.titan.nonfinite``)."""

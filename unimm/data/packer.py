@@ -68,6 +68,7 @@ class Packer:
         self.seq_len, self.latent_dim, self.pad_id = seq_len, latent_dim, pad_id
         self.carry: Document | None = None
         self.padding = 0
+        self.row_sources: list[tuple[str, str] | None] = []  # Document.source of the last row's documents
 
     def next_row(self, next_document: Callable[[], Document], out: Row | None = None) -> Row:
         """Fill `out` (a row of `empty_rows`; a fresh one if None) and return it.
@@ -87,6 +88,7 @@ class Packer:
             docs.append(doc)
             used += len(doc)
         self.padding += self.seq_len - used
+        self.row_sources = [doc.source for doc in docs]
         row = out if out is not None else {k: v[0] for k, v in empty_rows(1, self.seq_len, self.latent_dim, self.pad_id).items()}
         pack_row(docs, row)
         return row

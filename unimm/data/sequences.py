@@ -3,25 +3,29 @@
 Formats (<boi>/<eoi> are text positions; the N patches of a frame are VISION positions):
 
     text                      [bos] text [eos]
-    image_text, generation    [bos] caption [boi] latents [eoi] [eos]     latents denoised
+    image_text, generation    [bos] caption [boi] latents [eoi] [eos]
       with caption dropped    [bos] [boi] latents [eoi] [eos]             (for classifier-free guidance)
-    image_text, understanding [bos] [boi] latents [eoi] caption [eos]     latents clean
-    video                     [bos] caption [boi] f1 [eoi] [boi] f2 [eoi] ... [eos], every frame denoised
+    image_text, understanding [bos] [boi] latents [eoi] caption [eos]
+    video                     [bos] caption [boi] f1 [eoi] [boi] f2 [eoi] ... [eos]
     action                    [bos] [boi] c1 [eoi] ... [boi] ck [eoi] action [boi] r1 [eoi] ... [eos]
 
 An image-text sample is laid out in a direction its source allows (the sample's
 ``directions``): captioning only, generation only, or either, chosen with `p_understanding`.
 
-Action samples (NWM: 4 context frames and 1 target; annotated video: 1-4 and 1-4): result
-frames are denoised, each with its own noise level (diffusion forcing, as for video frames).
-Context frames stay clean by default: the task is State_t + Action -> State_t+1 (paper §5),
-and at rollout time the context is given (real frames, or frames the model already finished
-denoising), so clean context matches inference and puts the whole flow loss on the prediction.
-`noised_action_context` instead noises them too, with independent levels, as pure diffusion
-forcing does, trading that match for robustness to imperfect context.
+Every image and frame is denoised by default, each with its own noise level (paper §2.1,
+App. B: one independent t per image or frame, diffusion forcing), and carries the flow loss;
+text after an image (a caption in the understanding direction, an action after context
+frames) conditions on the noisy latents. `clean_conditioning_frames` instead keeps the frames
+that only condition, understanding images and action context frames (NWM: 4 context frames
+and 1 target; annotated video: 1-4 and 1-4), clean (t = 1, no flow loss), as Transfusion-style
+captioning and State_t + Action -> State_t+1 rollouts with given context see them at
+inference. Generation targets (T->I images, video frames, action result frames) are always
+denoised.
 
 Captions, video captions and actions are dropped with `cond_dropout`: every generation
-condition needs the same unconditional branch for classifier-free guidance.
+condition needs the same unconditional branch for classifier-free guidance. Only that text
+is dropped; frames stay, so the unconditional context of a later frame holds the earlier
+frames (``unimm.sampling`` builds it the same way: the context less its condition text).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Document:
     denoise: np.ndarray  # bool [n]
     labels: np.ndarray  # int64 [n]
     latents: np.ndarray  # float32 [number of visual positions, C], in position order
+    source: tuple[str, str] | None = None  # (shard, key) of the sample, for error messages
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -115,7 +120,7 @@ class LayoutSettings:
 
     p_understanding: float = 0.5
     cond_dropout: float = 0.1
-    noised_action_context: bool = False
+    clean_conditioning_frames: bool = False
 
 
 def build_document(
@@ -135,14 +140,14 @@ def build_document(
         directions = sample["directions"]
         both = len(directions) == 2
         if (both and rng.random() < layout.p_understanding) or directions == ["i2t"]:
-            segments = [[tk.bos_id], *_frames(latents, False, tk), ids, [tk.eos_id]]
+            segments = [[tk.bos_id], *_frames(latents, not layout.clean_conditioning_frames, tk), ids, [tk.eos_id]]
             return assemble(segments, tk.pad_id, latent_dim)
     condition = ids[:0] if rng.random() < layout.cond_dropout else ids
     if kind == "action":
         k = sample["num_context"]
         segments = [
             [tk.bos_id],
-            *_frames(latents[:k], layout.noised_action_context, tk),
+            *_frames(latents[:k], not layout.clean_conditioning_frames, tk),
             condition,
             *_frames(latents[k:], True, tk),
             [tk.eos_id],

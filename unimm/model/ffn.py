@@ -1,5 +1,6 @@
-"""Feed-forward variants. Every variant maps ``(x_BLD, modality_BL) -> (y_BLD, balance)``,
-``balance`` being the router's load-balancing loss (zero where nothing is routed).
+"""Feed-forward variants. Every variant maps ``(x_BLD, modality_BL, valid_BL) -> (y_BLD, balance)``,
+``balance`` being the router's load-balancing loss (zero where nothing is routed) and
+``valid_BL`` (optional) False at padding, which the MoE leaves out of its balance statistics.
 
 - ``shared``: one SwiGLU FFN for every token (the dense baseline).
 - ``modality``: one SwiGLU FFN for text and one for vision; each token runs through its own
@@ -49,7 +50,7 @@ class SharedFFN(Module):
         super().__init__()
         self.ffn = SwiGLU(dim, config.hidden_dim, out_std)
 
-    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor, valid_BL=None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ffn(x_BLD), x_BLD.new_zeros(())
 
     def inactive_params(self) -> int:
@@ -64,7 +65,7 @@ class ModalityFFN(Module):
         self.backend = config.backend
         self.experts = ExpertWeights(2, dim, config.hidden_dim, out_std)
 
-    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor, valid_BL=None) -> tuple[torch.Tensor, torch.Tensor]:
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         expert_T1 = modality_BL.reshape(B * L, 1)

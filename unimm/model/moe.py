@@ -10,6 +10,8 @@ Shared-expert modes (Table 2): ``none``; ``global``: expert 0 serves every token
 ``per_modality``: expert 0 serves text tokens and expert 1 vision tokens.
 Load balancing: a Switch-style auxiliary loss (``aux_loss``), or torchtitan-style
 auxiliary-loss-free biases on the routing scores nudged after every optimiser step (``bias``).
+Padding positions of a packed row are still routed (their outputs are never used) but are
+left out of the balance loss and of the expert-load counters (``valid_BL``).
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ class Router(Module):
     def _init_self_buffers(self, *, buffer_device=None) -> None:
         self.expert_bias = torch.zeros(self.config.num_routed, device=buffer_device or self.expert_bias.device)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return routed expert ids [T, k], their mixing weights [T, k] and the aux loss."""
+    def forward(
+        self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return routed expert ids [T, k], their mixing weights [T, k] and the aux loss
+        over the tokens where ``valid_T`` is True (all when None)."""
         logits = self.gate(x_TD).float()
         if self.config.score_func == "softmax":
             scores = logits.softmax(dim=-1)
@@ -96,15 +101,23 @@ class Router(Module):
         weights_Tk = scores.gather(-1, experts_Tk)
         if self.config.score_func == "sigmoid":
             weights_Tk = weights_Tk / weights_Tk.sum(-1, keepdim=True)
-        return experts_Tk, weights_Tk, self.balance_loss(scores, experts_Tk)
+        return experts_Tk, weights_Tk, self.balance_loss(scores, experts_Tk, valid_T)
 
-    def balance_loss(self, scores_TE: torch.Tensor, experts_Tk: torch.Tensor) -> torch.Tensor:
+    def balance_loss(
+        self, scores_TE: torch.Tensor, experts_Tk: torch.Tensor, valid_T: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Switch/GShard loss E * sum_i f_i * P_i: f_i the share of routing slots expert i
-        took, P_i its mean routing probability. 1.0 when perfectly balanced."""
-        num_routed, (T, k) = scores_TE.shape[-1], experts_Tk.shape
-        slots = torch.bincount(experts_Tk.flatten(), minlength=num_routed).float() / (T * k)
+        took, P_i its mean routing probability, both over the valid tokens (padding left
+        out). 1.0 when perfectly balanced."""
+        num_routed, k = scores_TE.shape[-1], experts_Tk.shape[-1]
         probs = scores_TE / scores_TE.sum(-1, keepdim=True)
-        return num_routed * (slots * probs.mean(0)).sum()
+        if valid_T is None:
+            valid_T = torch.ones(len(scores_TE), dtype=torch.bool, device=scores_TE.device)
+        weight_T = valid_T.to(probs.dtype)
+        n_valid = weight_T.sum().clamp_min(1.0)
+        slots = torch.zeros(num_routed, dtype=probs.dtype, device=probs.device)
+        slots.index_add_(0, experts_Tk.flatten(), weight_T.repeat_interleave(k))
+        return num_routed * ((slots / (n_valid * k)) * ((probs * weight_T[:, None]).sum(0) / n_valid)).sum()
 
 
 class MoE(Module):
@@ -123,9 +136,10 @@ class MoE(Module):
             self.config.num_experts, device=buffer_device or self.tokens_per_expert.device
         )
 
-    def route(self, x_TD: torch.Tensor, modality_T: torch.Tensor):
-        """Expert ids [T, top_k] over all experts, mixing weights [T, top_k], aux loss."""
-        routed_Tk, weights_Tk, aux = self.router(x_TD)
+    def route(self, x_TD: torch.Tensor, modality_T: torch.Tensor, valid_T: torch.Tensor | None = None):
+        """Expert ids [T, top_k] over all experts, mixing weights [T, top_k], aux loss
+        (over the ``valid_T`` tokens)."""
+        routed_Tk, weights_Tk, aux = self.router(x_TD, valid_T)
         routed_Tk = routed_Tk + self.config.num_shared
         n_shared = self.config.num_shared
         if n_shared == 0:
@@ -159,13 +173,21 @@ class MoE(Module):
         )
         self.dispatcher.wire_meshes(ep_mesh=ep_mesh)
 
-    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_BLD: torch.Tensor, modality_BL: torch.Tensor, valid_BL: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``valid_BL``: False at padding, which is routed and computed like any token but
+        left out of the balance loss and the load counters (None: every position counts)."""
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
-        experts_Tk, weights_Tk, aux = self.route(x_TD, modality_BL.reshape(-1))
+        valid_T = None if valid_BL is None else valid_BL.reshape(-1)
+        experts_Tk, weights_Tk, aux = self.route(x_TD, modality_BL.reshape(-1), valid_T)
         counts_E = torch.bincount(experts_Tk.flatten(), minlength=self.config.num_experts)
         with torch.no_grad():
-            self.tokens_per_expert += counts_E
+            if valid_T is None:
+                self.tokens_per_expert += counts_E
+            else:
+                self.tokens_per_expert += torch.bincount(experts_Tk[valid_T].flatten(), minlength=self.config.num_experts)
         backend = expert_backend(self.config.backend, x_TD)
         if self.dispatcher is None:
             out_TD = run_experts(self.experts, x_TD, experts_Tk, weights_Tk, backend)

@@ -36,12 +36,16 @@ class TimestepEmbedding(Module):
         self.mlp_in = linear_init(freq_dim, freq_dim, std=0.02, bias=True)
         self.mlp_out = linear_init(freq_dim, dim, std=0.02, bias=True)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def features(self, t: torch.Tensor) -> torch.Tensor:
+        """[cos(1000 t f_i), sin(1000 t f_i)] with f_i = 10000^(-i / half), i < half = freq_dim / 2."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
         # Scale t to [0, 1000] so the low frequencies still resolve small steps of t.
         angles = 1000.0 * t.float()[..., None] * freqs
-        features = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp_in.weight.dtype)
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = self.features(t).to(self.mlp_in.weight.dtype)
         return self.mlp_out(nn.functional.silu(self.mlp_in(features)))
 
 
@@ -64,10 +68,11 @@ class TransformerBlock(Module):
     def moe(self) -> Module:
         return self.feed_forward
 
-    def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask, kv_cache=None):
-        """Return the block's output and its FFN's load-balancing loss (0 when not routed)."""
+    def forward(self, x_BLD, modality_BL, rope, positions_BL, mask: AttentionMask, kv_cache=None, valid_BL=None):
+        """Return the block's output and its FFN's load-balancing loss (0 when not routed);
+        ``valid_BL`` False at padding (left out of the balance loss and the load counters)."""
         x_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), rope, positions_BL, mask, kv_cache)
-        ffn_BLD, balance = self.feed_forward(self.ffn_norm(x_BLD), modality_BL)
+        ffn_BLD, balance = self.feed_forward(self.ffn_norm(x_BLD), modality_BL, valid_BL)
         return x_BLD + ffn_BLD, balance
 
 
@@ -144,14 +149,17 @@ class UnimmModel(BaseModel):
         vision_BLD = self.latent_proj(latents_BLC.to(text_BLD.dtype)) + self.time_embedding(t_BL)
         return torch.where((modality_BL == VISION)[..., None], vision_BLD, text_BLD)
 
-    def hidden_states(self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask, kv_caches=None):
+    def hidden_states(
+        self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask, kv_caches=None, valid_BL=None
+    ):
         """Final normed hidden states [B, L, D] and the per-layer balance losses [n_layers].
-        ``kv_caches``: one ``LayerKVCache`` per layer when generating incrementally."""
+        ``kv_caches``: one ``LayerKVCache`` per layer when generating incrementally;
+        ``valid_BL``: False at padding (``unimm.data.batch.padding_mask``), None: no padding."""
         h_BLD = self.embed(tokens_BL, latents_BLC, t_BL, modality_BL)
         balance = []
         for i, layer in enumerate(self.layers.values()):
             kv_cache = None if kv_caches is None else kv_caches[i]
-            h_BLD, layer_balance = layer(h_BLD, modality_BL, self.rope, positions_BL, mask, kv_cache)
+            h_BLD, layer_balance = layer(h_BLD, modality_BL, self.rope, positions_BL, mask, kv_cache, valid_BL)
             balance.append(layer_balance)
         return self.norm(h_BLD), torch.stack(balance)
 
@@ -165,11 +173,13 @@ class UnimmModel(BaseModel):
         attention_mask: AttentionMask,
         lm_positions_BL: torch.Tensor,
         flow_positions_BL: torch.Tensor,
+        valid_BL: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return LM logits at ``lm_positions`` [N_text, V], flow predictions at
         ``flow_positions`` [N_vis, C] (heads run only where a loss or a sample needs them),
-        and each layer's router balance loss [n_layers] (zeros for unrouted FFNs)."""
+        and each layer's router balance loss [n_layers] (zeros for unrouted FFNs), taken
+        over the ``valid_BL`` positions (False at padding; None: all)."""
         h_BLD, balance = self.hidden_states(
-            tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask
+            tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask, valid_BL=valid_BL
         )
         return self.lm_head(h_BLD[lm_positions_BL]), self.flow_head(h_BLD[flow_positions_BL]), balance

@@ -15,8 +15,9 @@ Workers tokenise the text, encode the frames in batches, and write::
 
 Safe re-runs: each tar is written under a temporary name and renamed, then its stats file
 (the "done" marker) likewise, so a killed job leaves no half shard under a real name. A re-run
-with the same job.json skips tasks that have a stats file; a run with different settings,
-inputs, encoder or tokenizer refuses to touch the folder.
+with the same job.json skips tasks that have a stats file. Once a task is done, a run with
+different settings, inputs, encoder or tokenizer refuses to touch the folder; while none is
+(a job that failed before finishing a shard), a run with corrected settings takes it over.
 
 Latents are stored as float16 (half the disk of float32; the semantic encoders' features and
 VAE latents are far inside its range, and non-finite values are rejected when written).
@@ -29,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from unimm.data.doc_lengths import DocumentLengths, document_length
 from unimm.data.latent_stats import ChannelStats
 from unimm.data.shards import DIRECTIONS, KINDS, MANIFEST_FORMAT, TEXT_REQUIRED
 from unimm.data_pipelines.encoders import Encoder, EncoderSpec, load_encoder
@@ -116,10 +119,15 @@ class ShardStats:
     vision_tokens: int = 0
     latent_shape: list[int] | None = None  # [N, C]
     latents: ChannelStats | None = None
+    lengths: DocumentLengths | None = field(default_factory=DocumentLengths)
+    """Document lengths (None in stats written before they were counted)."""
 
-    def add(self, ids: np.ndarray, latents: np.ndarray | None) -> None:
+    def add(self, ids: np.ndarray, latents: np.ndarray | None, key: str = "") -> None:
         self.samples += 1
         self.text_tokens += len(ids)
+        if self.lengths is not None:
+            frames, per_frame = latents.shape[:2] if latents is not None else (0, 0)
+            self.lengths.add(document_length(len(ids), frames, per_frame), key)
         if latents is not None:
             self.vision_tokens += latents.shape[0] * latents.shape[1]
             self.latent_shape = list(latents.shape[1:])
@@ -137,22 +145,27 @@ class ShardStats:
             self.vision_tokens + other.vision_tokens,
             self.latent_shape or other.latent_shape,
             merged,
+            None if self.lengths is None or other.lengths is None else self.lengths.merge(other.lengths),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "samples": self.samples,
             "skipped": self.skipped,
             "tokens": {"text": self.text_tokens, "vision": self.vision_tokens},
             "latent_shape": self.latent_shape,
             "latents": None if self.latents is None else self.latents.to_json(),
         }
+        if self.lengths is not None:
+            data["document_lengths"] = self.lengths.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardStats:
         latents = None if data["latents"] is None else ChannelStats.from_json(data["latents"])
         tokens = data["tokens"]
-        return cls(data["samples"], data["skipped"], tokens["text"], tokens["vision"], data["latent_shape"], latents)
+        lengths = DocumentLengths.from_json(data.get("document_lengths"))
+        return cls(data["samples"], data["skipped"], tokens["text"], tokens["vision"], data["latent_shape"], latents, lengths)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -251,21 +264,29 @@ class _Worker:
         if latents is not None:
             sample["latents.npy"] = latents
         sink.write(sample)
-        stats.add(ids, latents)
+        stats.add(ids, latents, sample["__key__"])
 
 
 _WORKER: _Worker | None = None
+_WORKER_ERROR: BaseException | None = None
 
 
 def _init_worker(job: Job, out: Path, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
-    global _WORKER
-    _WORKER = _Worker(job, out)
+    global _WORKER, _WORKER_ERROR
+    try:
+        _WORKER = _Worker(job, out)
+    except Exception as exc:
+        # An initializer that raises makes the pool start a new worker, forever: keep the
+        # error and hand it to the parent with the first task instead.
+        _WORKER_ERROR = exc
 
 
 def _run_task(task: ShardTask) -> ShardStats:
+    if _WORKER_ERROR is not None:
+        raise _WORKER_ERROR
     assert _WORKER is not None
     return _WORKER.run(task)
 
@@ -286,18 +307,43 @@ def _identity(job: Job, tasks: list[ShardTask], tokenizer: Tokenizer) -> dict[st
     return json.loads(json.dumps(identity, default=str))  # the form it has once read back
 
 
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf where two job identities differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys()) for d in _differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
+    return [] if old == new else [(key, old, new)]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _claim(out: Path, identity: dict[str, Any]) -> None:
+    """Make `out` this job's folder. job.json binds once a task is done (has its stats file):
+    until then nothing in the folder depends on the old settings, and a corrected run replaces them."""
     path = out / "job.json"
     if path.is_file():
         stored = json.loads(path.read_text())
-        if stored != identity:
-            changed = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
+        if stored == identity:
+            return
+        diffs = _differences(stored, identity)
+        keys = sorted({k.split(".")[0] for k, _, _ in diffs})
+        shown = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs)
+        done = sorted(out.glob("*.stats.json"))
+        if done:
             raise ConfigError(
-                f"{out} holds a job with different {', '.join(changed)}: refusing to overwrite it "
-                "(write to a new folder, or delete this one)"
+                f"{out} holds {len(done)} finished shard(s) written with different {', '.join(keys)} "
+                f"(folder -> this run: {shown}): refusing to overwrite them. Rerun with the folder's "
+                f"settings to finish it, write to a new --out folder, or delete {out} to start over"
             )
-        return
-    if any(out.iterdir()):
+        # No task finished: what the old run left (shards renamed before their stats) is dropped.
+        old_shard = re.compile(re.escape(str(stored.get("source", ""))) + r"-\d{6}\.tar")
+        for leftover in out.iterdir():
+            if old_shard.fullmatch(leftover.name) or leftover.name == "manifest.json":
+                leftover.unlink()
+        logger.warning("%s: no shard was finished under the old job.json; replacing it (%s)", out, shown)
+    elif any(out.iterdir()):
         raise ConfigError(f"{out} is not empty and has no job.json: refusing to write shards into it")
     write_json(path, identity)
 
@@ -305,15 +351,18 @@ def _claim(out: Path, identity: dict[str, Any]) -> None:
 def run_job(out: str | Path, job: Job, tasks: list[ShardTask], *, workers: int = 1, progress: bool = True) -> Path:
     """Write every task's shard (skipping finished ones) and the manifest; returns its path."""
     out = Path(out).expanduser()
+    if job.encoder is not None:
+        job.encoder.check_weights()  # a wrong --encoder-path is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(job.tokenizer)
     _claim(out, _identity(job, tasks, tokenizer))
     for stale in out.glob(".*.tmp-*"):  # left by a killed run; their tasks have no stats file
         stale.unlink()
     todo = [t for t in tasks if not (out / f"{shard_name(job.source, t.index)}.stats.json").is_file()]
+    one_process = workers <= 1 or len(todo) <= 1
+    worker = _Worker(job, out) if one_process and todo else None  # loads the encoder: may fail
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"{job.source} -> {out}", unit="shard", disable=not progress)
-    if workers <= 1 or len(todo) <= 1:
-        worker = _Worker(job, out) if todo else None
+    if one_process:
         for task in todo:
             worker.run(task)
             bar.update()
@@ -338,12 +387,17 @@ def write_manifest(out: Path, job: Job, tasks: list[ShardTask], tokenizer: Token
     normalization                  per-channel count, sum, sum_sq, mean, std (null for text)
     sources                        {source: [shard tar names]}
     source_info                    {source: kind, directions, samples, skipped,
-                                    tokens {text, vision}, settings}
+                                    tokens {text, vision}, settings,
+                                    document_lengths {longest, longest_key, longest_shard,
+                                    p50, p99, counts {length: samples}} (doc_lengths.py;
+                                    absent when a shard's stats predate it)}
     """
     total, shards = ShardStats(), []
     for task in tasks:
         name = shard_name(job.source, task.index)
         stats = ShardStats.from_json(json.loads((out / f"{name}.stats.json").read_text()))
+        if stats.lengths is not None:
+            stats.lengths.in_shard(f"{name}.tar")
         total = total.merge(stats)
         if stats.samples:
             shards.append(f"{name}.tar")
@@ -368,6 +422,8 @@ def write_manifest(out: Path, job: Job, tasks: list[ShardTask], tokenizer: Token
             }
         },
     }
+    if total.lengths is not None:
+        manifest["source_info"][job.source]["document_lengths"] = total.lengths.to_json()
     path = out / "manifest.json"
     write_json(path, json.loads(json.dumps(manifest, default=str)))
     return path

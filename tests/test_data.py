@@ -20,7 +20,7 @@ from unimm.data_pipelines import navigation, poses, probes, procedural, reasonin
 from unimm.data_pipelines.raw_pixels import RawPixels, patchify, unpatchify
 from unimm.data_pipelines.write_shards import ensure_procedural_shards
 
-from unimm.data.batch import BATCH_KEYS, IGNORE_INDEX, NO_FRAME, TEXT, VISION
+from unimm.data.batch import BATCH_KEYS, IGNORE_INDEX, NO_FRAME, PROVENANCE_KEY, TEXT, VISION
 from unimm.data.loader import DEFAULT_SOURCE_WEIGHTS, MultimodalDataLoader, PackedMultimodalDataset
 from unimm.data.packer import Packer, empty_rows, pack_row
 from unimm.data.sequences import LayoutSettings, assemble, build_document
@@ -56,7 +56,11 @@ def _take(dataset: PackedMultimodalDataset, n: int) -> list:
 
 
 def _assert_batches_equal(a, b) -> None:
+    # Loader batches carry their samples' (shard, key) lists; `next_batch` gives tensors only.
     (xa, ya), (xb, yb) = a, b
+    xa, xb = dict(xa), dict(xb)
+    pa, pb = xa.pop(PROVENANCE_KEY, None), xb.pop(PROVENANCE_KEY, None)
+    assert pa is None or pb is None or pa == pb
     assert xa.keys() == xb.keys()
     for k in xa:
         torch.testing.assert_close(xa[k], xb[k], rtol=0, atol=0, msg=k)
@@ -411,14 +415,17 @@ def test_sequence_formats_by_hand():
     )
     assert np.array_equal(gen.latents, image["latents"][0])
 
+    # Paper App. B: the image a caption follows is noised too (the caption conditions on it).
     und = build(image, p_understanding=1.0, cond_dropout=0.0)
     assert _fields(und) == (
         [bos, boi, pad, pad, pad, pad, eoi, h, i, eos],
         [T, T, V, V, V, V, T, T, T, T],
         [-1, -1, 0, 0, 0, 0, -1, -1, -1, -1],
-        [False] * 10,
+        [False] * 2 + [True] * 4 + [False] * 4,
         [boi, ign, ign, ign, ign, ign, h, i, eos, ign],
     )
+    clean_und = build(image, p_understanding=1.0, cond_dropout=0.0, clean_conditioning_frames=True)
+    assert _fields(clean_und)[3] == [False] * 10
     # A source's allowed direction overrides p_understanding.
     assert _fields(build(_image(["i2t"]), p_understanding=0.0)) == _fields(und)
     assert _fields(build(_image(["t2i"]), p_understanding=1.0, cond_dropout=0.0)) == _fields(gen)
@@ -441,27 +448,27 @@ def test_sequence_formats_by_hand():
         [h, boi, ign, ign, ign, boi, ign, ign, ign, eos, ign],
     )
 
-    # Two context frames, the action "h", one result frame: context clean, result denoised.
+    # Two context frames, the action "h", one result frame: every frame denoised (App. B).
     action = {**video, "kind": "action", "latents": np.ones((3, 2, 3), np.float32), "num_context": 2}
     act = build(action, cond_dropout=0.0)
     assert _fields(act) == (
         [bos, boi, pad, pad, eoi, boi, pad, pad, eoi, h, boi, pad, pad, eoi, eos],
         [T, T, V, V, T, T, V, V, T, T, T, V, V, T, T],
         [-1, -1, 0, 0, -1, -1, 1, 1, -1, -1, -1, 2, 2, -1, -1],
-        [False] * 11 + [True] * 2 + [False] * 2,
+        [False] * 2 + [True] * 2 + [False] * 2 + [True] * 2 + [False] * 3 + [True] * 2 + [False] * 2,
         [boi, ign, ign, ign, boi, ign, ign, ign, h, boi, ign, ign, ign, eos, ign],
     )
-    noised = build(action, cond_dropout=0.0, noised_action_context=True)
-    assert noised.denoise.tolist() == [False] * 2 + [True] * 2 + [False] * 2 + [True] * 2 + [False] * 3 + [True] * 2 + [False] * 2
+    # The option: context clean, only the result denoised.
+    clean = build(action, cond_dropout=0.0, clean_conditioning_frames=True)
+    assert clean.denoise.tolist() == [False] * 11 + [True] * 2 + [False] * 2
     assert _fields(build(action, cond_dropout=1.0))[0] == [bos, boi, pad, pad, eoi, boi, pad, pad, eoi, boi, pad, pad, eoi, eos]
 
 
 def test_direction_and_dropout_rates():
     rng = np.random.default_rng(1)
     docs = [build_document(_image(), TK, rng, latent_dim=3) for _ in range(4000)]
-    understanding = sum(
-        d.modality[1] == TEXT and d.tokens[1] == TK.boi_id and not d.denoise.any() for d in docs
-    )
+    # understanding: [bos] [boi] image [eoi] caption [eos]; dropped caption: [bos] [boi] image [eoi] [eos]
+    understanding = sum(d.tokens[1] == TK.boi_id and len(d) == 10 for d in docs)
     dropped = sum(len(d) == 8 and d.denoise.any() for d in docs)
     assert abs(understanding / 4000 - 0.5) < 0.03
     assert abs(dropped / (4000 - understanding) - 0.1) < 0.02
@@ -532,7 +539,7 @@ def test_packer_refuses_documents_longer_than_a_row():
 def test_loader_batches_follow_the_contract(shards):
     loader = _config(shards=str(shards)).build(**BUILD, snapshot_every_n_steps=1)
     inputs, labels = next(iter(loader))
-    assert set(inputs) == set(BATCH_KEYS)
+    assert set(inputs) == {*BATCH_KEYS, PROVENANCE_KEY} and len(inputs[PROVENANCE_KEY]) == 2  # rows' (shard, key)s
     assert inputs["latents"].shape == (2, 256, C) and inputs["latents"].dtype == torch.float32
     assert labels.shape == (2, 256) and inputs["denoise"].dtype == torch.bool
     for k in ("tokens", "modality", "document_ids", "frame_ids", "positions"):

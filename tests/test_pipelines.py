@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import run_module
 from unimm.data.loader import PackedMultimodalDataset
+from unimm.data.sequences import LayoutSettings
 from unimm.data.shards import SampleSpec, load_manifest, read_samples
 from unimm.data_pipelines import navigation, poses, procedural
 from unimm.data_pipelines.action import NwmSettings, annotated_job, nwm_job
@@ -239,15 +240,19 @@ def test_image_text_job_reads_folders_tars_and_parquet(tmp_path, caplog):
     assert np.array_equal(RawPixels(32, 8).decode(got["latents"][0]), fit_square(truth["image"], 32))
     assert samples["img2"]["caption"] == procedural.image_sample(2, seed=0)["caption"]
 
-    # The loader lays a captioning-only source out image-first, always.
-    ds = PackedMultimodalDataset(
-        manifest=load_manifest(manifest.parent, 192), tokenizer=Tokenizer(), seq_len=128, local_batch_size=1,
-        source_weights={"captions": 1.0},
-    )
-    inputs, _ = ds.next_batch()
-    first = inputs["document_ids"][0] == 0
-    assert inputs["tokens"][0, 1] == Tokenizer().boi_id and not inputs["denoise"][0][first].any()
-    assert ds.stats()["documents/captions"] > 1
+    # The loader lays a captioning-only source out image-first, always; the image is noised
+    # (paper App. B) unless conditioning frames are kept clean.
+    for clean in (False, True):
+        ds = PackedMultimodalDataset(
+            manifest=load_manifest(manifest.parent, 192), tokenizer=Tokenizer(), seq_len=128, local_batch_size=1,
+            source_weights={"captions": 1.0}, layout=LayoutSettings(clean_conditioning_frames=clean),
+        )
+        inputs, _ = ds.next_batch()
+        first = inputs["document_ids"][0] == 0
+        image = first & (inputs["modality"][0] == 1)
+        assert inputs["tokens"][0, 1] == Tokenizer().boi_id and image.sum() == 16
+        assert inputs["denoise"][0][first].sum() == (0 if clean else 16)
+        assert ds.stats()["documents/captions"] > 1
 
 
 # ---------------------------------------------------------------- frozen encoders

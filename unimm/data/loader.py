@@ -19,11 +19,26 @@ one ahead by more than w_s * H not at all, so every share stays within about H /
 target whatever the document lengths, while the order stays random. The counts are stream
 state, so a resumed run continues the same draws.
 
-Bad data never stops a run and never passes silently: a sample that fails `shards.decode_sample`,
-unreadable tar data, and a document longer than a row are skipped, logged with shard and key,
-and counted per source (``data/bad_samples/SOURCE``, ``data/read_errors/SOURCE``,
-``data/too_long/SOURCE`` in the metrics). Once a source has shown MIN_SAMPLES_FOR_BAD_FRACTION
-samples on a stream, more than `max_bad_fraction` of them bad raises a DataError naming it.
+Default weights. An empty `source_weights` takes them from the manifest (`manifest_weights`):
+the paper's token shares per modality (above) over the modalities the mixture has,
+renormalised, and inside a modality in proportion to each source's tokens, so that every
+source of a modality is read at the same rate (a small probe set next to a large corpus is
+not repeated many times over while the corpus is barely touched).
+
+Bad data never stops a run and never passes silently: a sample that fails `shards.decode_sample`
+(including latents more than `max_latent_deviation` standard deviations from the manifest's
+means), a repeated key, samples lost to a cut or damaged tar, damaged tar data, a shard that
+cannot be opened, and a document longer than a row are skipped, logged with shard and key or
+byte offset, and counted per source (``data/bad_samples/SOURCE``, ``data/lost_samples/SOURCE``,
+``data/read_errors/SOURCE``, ``data/unreadable_shards/SOURCE``, ``data/too_long/SOURCE`` in the
+metrics; shards.py says what each counts). Once a source has shown MIN_SAMPLES_FOR_BAD_FRACTION
+samples on a stream, more than `max_bad_fraction` of them bad (skipped, lost, or one per
+damaged place or unreadable shard) raises a DataError naming it.
+
+Provenance: every batch the loader hands out carries, under ``batch.PROVENANCE_KEY`` (not a
+tensor; the trainer takes it off), the (shard, key) of each document of each row, row by row
+(``Document.source``, ``Packer.row_sources``; the packer's carry-over keeps its own, so a
+resumed run reports the same). `next_batch` returns the tensors only.
 
 Exact resume: every stream's reader positions, RNG state, per-source counts and packer
 carry-over are in the dataset's state_dict, which torchdata's StatefulDataLoader saves between
@@ -50,17 +65,21 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.dataloader import ParallelAwareDataloader
 
+from unimm.data.batch import PROVENANCE_KEY
+from unimm.data.doc_lengths import DocumentLengths
 from unimm.data.packer import Packer, Row, empty_rows
 from unimm.data.sequences import Document, LayoutSettings, SpecialTokens, build_document
-from unimm.data.shards import Manifest, SampleSpec, ShardCursor, load_manifest
+from unimm.data.shards import MAX_LATENT_DEVIATION, Manifest, SampleSpec, ShardCursor, load_manifest
 from unimm.data_pipelines.write_shards import ensure_procedural_shards
 from unimm.errors import ConfigError, DataError
 from unimm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Token shares of the paper's mixture (App. E.8), under the procedural sources' names.
-DEFAULT_SOURCE_WEIGHTS = {"text": 0.5, "video": 0.25, "image_text": 0.225, "action": 0.025}
+# Token shares of the paper's mixture by modality (App. E.8); the procedural sources carry
+# the modalities' names, so they are also the default weights of the procedural mixture.
+MODALITY_SHARES = {"text": 0.5, "video": 0.25, "image_text": 0.225, "action": 0.025}
+DEFAULT_SOURCE_WEIGHTS = dict(MODALITY_SHARES)
 MIXTURE_LOOKAHEAD_ROWS = 4
 MIN_SAMPLES_FOR_BAD_FRACTION = 200
 _SPECIAL_IDS = ("pad_id", "bos_id", "eos_id", "boi_id", "eoi_id")
@@ -117,12 +136,21 @@ class _Stream:
 
     def _check_bad_fraction(self, name: str) -> None:
         counters = self.cursors[name].counters
-        seen = counters["samples"] + counters["bad_samples"]
-        bad = counters["bad_samples"] + counters["read_errors"] + self.too_long[name]
+        seen = counters["samples"] + counters["bad_samples"] + counters["lost_samples"]
+        parts = {
+            "skipped": counters["bad_samples"],
+            "lost": counters["lost_samples"],
+            "damaged places": counters["read_errors"],
+            "unreadable shards": counters["unreadable_shards"],
+            "too long": self.too_long[name],
+        }
+        bad = sum(parts.values())
         if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and bad > self._max_bad_fraction * seen:
+            detail = ", ".join(f"{n} {what}" for what, n in parts.items() if n)
             raise DataError(
-                f"source {name!r}, stream {self.index}: {bad} bad of {seen} samples ({bad / seen:.1%}) exceeds "
-                f"dataloader.max_bad_fraction={self._max_bad_fraction} (the warnings name each shard and key)"
+                f"source {name!r}, stream {self.index}: {bad} bad of {seen} samples ({bad / seen:.1%}: {detail}) "
+                f"exceeds dataloader.max_bad_fraction={self._max_bad_fraction} (the warnings name each shard "
+                "and key or byte offset)"
             )
 
     def _next_document(self) -> Document:
@@ -133,6 +161,7 @@ class _Stream:
             if len(doc) <= self._seq_len:
                 self.documents[name] += 1
                 self.positions[name] += len(doc)
+                doc.source = (sample["shard"], sample["key"])
                 self._check_bad_fraction(name)
                 return doc
             self.too_long[name] += 1
@@ -142,9 +171,11 @@ class _Stream:
             )
             self._check_bad_fraction(name)
 
-    def next_row(self, out: Row) -> None:
+    def next_row(self, out: Row) -> list[tuple[str, str]]:
+        """Pack the next row into `out`; returns the (shard, key) of its documents."""
         self.rows += 1
         self.packer.next_row(self._next_document, out)
+        return list(self.packer.row_sources)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +236,7 @@ class PackedMultimodalDataset(IterableDataset):
         normalize_latents: bool = True,
         max_bad_fraction: float = 0.01,
         num_workers: int = 0,
+        max_latent_deviation: float = MAX_LATENT_DEVIATION,
     ) -> None:
         num_streams = num_streams or dp_world_size
         if num_streams % dp_world_size:
@@ -235,6 +267,8 @@ class PackedMultimodalDataset(IterableDataset):
             latent_dim=manifest.latent_dim,
             vocab_size=tokenizer.get_vocab_size(),
             normalizer=manifest.normalizer if normalize_latents else None,
+            latent_stats=manifest.normalizer,
+            max_latent_deviation=max_latent_deviation,
         )
         self.num_streams = num_streams
         self.rows_per_stream = local_batch_size // per_group
@@ -261,13 +295,19 @@ class PackedMultimodalDataset(IterableDataset):
 
     def next_batch(self, group: int = 0) -> Batch:
         """One local batch from stream group ``group`` (the worker's; 0 without workers)."""
+        fields, labels, _ = self._next_batch(group)
+        return fields, labels
+
+    def _next_batch(self, group: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[list[tuple[str, str]]]]:
         streams = self._group(group)
         batch = empty_rows(len(streams) * self.rows_per_stream, self._seq_len, self._latent_dim, self._pad_id)
-        for i in range(len(streams) * self.rows_per_stream):
+        provenance = [
             streams[i // self.rows_per_stream].next_row({k: v[i] for k, v in batch.items()})
+            for i in range(len(streams) * self.rows_per_stream)
+        ]
         fields = {k: torch.from_numpy(v) for k, v in batch.items()}
         labels = fields.pop("labels")
-        return fields, labels
+        return fields, labels, provenance
 
     def __iter__(self):
         # All state lives in the streams, so a state_dict taken between batches resumes exactly.
@@ -276,8 +316,9 @@ class PackedMultimodalDataset(IterableDataset):
         worker = get_worker_info()
         group = 0 if worker is None else worker.id
         while True:
-            fields, labels = self.next_batch(group)
+            fields, labels, provenance = self._next_batch(group)
             fields[STATS_KEY] = (group, stream_stats(self._group(group)))
+            fields[PROVENANCE_KEY] = provenance
             yield fields, labels
 
     def state_dict(self) -> dict[str, Any]:
@@ -303,7 +344,7 @@ class PackedMultimodalDataset(IterableDataset):
 def stream_stats(streams: list[_Stream]) -> dict[str, int]:
     """Counters summed over streams, flat so they can go straight to a metrics logger: totals,
     and per source ``documents/S``, ``positions/S``, ``samples/S``, ``bad_samples/S``,
-    ``read_errors/S``, ``too_long/S``."""
+    ``lost_samples/S``, ``read_errors/S``, ``unreadable_shards/S``, ``too_long/S``."""
     out: Counter[str] = Counter()
     for stream in streams:
         out["rows"] += stream.rows
@@ -319,6 +360,79 @@ def stream_stats(streams: list[_Stream]) -> dict[str, int]:
                 out[f"{key}/{name}"] += n
                 out[key] += n
     return dict(out)
+
+
+def manifest_weights(manifest: Manifest) -> dict[str, float]:
+    """Source weights from the manifest: `MODALITY_SHARES` over the modalities present
+    (renormalised), split inside each modality by the sources' token counts."""
+    info = manifest.info.get("source_info") or {}
+    by_kind: dict[str, dict[str, float]] = {}
+    for name, files in sorted(manifest.sources.items()):
+        source = info.get(name) or {}
+        kind = source.get("kind")
+        if not files:
+            continue
+        if kind not in MODALITY_SHARES:
+            raise ConfigError(
+                f"{manifest.path}: source {name!r} has kind {kind!r}, so no default weight; "
+                "give the whole mixture with --dataloader.source_weights NAME W [NAME W ...]"
+            )
+        tokens = source.get("tokens") or {}
+        by_kind.setdefault(kind, {})[name] = float(tokens.get("text", 0) + tokens.get("vision", 0))
+    if not by_kind:
+        raise ConfigError(f"{manifest.path}: no source has shards")
+    total_share = sum(MODALITY_SHARES[kind] for kind in by_kind)
+    weights: dict[str, float] = {}
+    for kind, tokens in by_kind.items():
+        share = MODALITY_SHARES[kind] / total_share
+        total = sum(tokens.values())
+        for name, n in tokens.items():
+            weights[name] = share * (n / total if total > 0 else 1 / len(tokens))
+    return dict(sorted(weights.items()))
+
+
+def check_document_lengths(
+    manifest: Manifest, weights: dict[str, float], seq_len: int, max_bad_fraction: float
+) -> list[str]:
+    """Sources with documents longer than a row, from the manifest's length counts: a
+    ConfigError when the loader would skip more than `max_bad_fraction` of a source's samples
+    (the run would stop on it), else one warning line per such source (returned and logged).
+    Sources whose manifest has no counts (written before they existed) are not checked."""
+    info = manifest.info.get("source_info") or {}
+    warnings, errors = [], []
+    for name in sorted(weights):
+        lengths = DocumentLengths.from_json((info.get(name) or {}).get("document_lengths"))
+        if lengths is None or not lengths.samples:
+            continue
+        over = lengths.longer_than(seq_len)
+        if not over:
+            continue
+        shard = next((str(f) for f in manifest.sources.get(name, []) if f.name == lengths.longest_shard), lengths.longest_shard)
+        kind = (info.get(name) or {}).get("kind")
+        fix = f"raise --training.seq_len to at least {lengths.longest}"
+        if kind == "text":
+            fix += f", or rewrite the source with the text job's --max-tokens {seq_len - 2} (cuts documents into pieces that fit)"
+        else:
+            fix += ", or rewrite the source with shorter captions or fewer frames"
+        report = (
+            f"source {name!r}: {over} of its {lengths.samples} samples ({over / lengths.samples:.1%}) make "
+            f"documents longer than --training.seq_len={seq_len} (longest {lengths.longest} positions, "
+            f"key {lengths.longest_key!r} in {shard}; median {lengths.percentile(50)}, "
+            f"99th percentile {lengths.percentile(99)}; {manifest.path})"
+        )
+        if over > max_bad_fraction * lengths.samples:
+            errors.append(
+                f"{report}: the loader would skip them and stop the run, as more than "
+                f"dataloader.max_bad_fraction={max_bad_fraction} of the source is bad. To fix: {fix}, "
+                f"or leave the source out (--dataloader.source_weights)"
+            )
+        else:
+            warnings.append(f"{report}: the loader will skip them (within dataloader.max_bad_fraction={max_bad_fraction})")
+    if errors:
+        raise ConfigError("documents longer than a row: " + "\n  ".join(errors))
+    for line in warnings:
+        logger.warning("%s", line)
+    return warnings
 
 
 def _check_weights(weights: dict[str, float], manifest: Manifest) -> dict[str, float]:
@@ -368,8 +482,9 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         source_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
         """Target share of the document positions from each source (normalised); a weight of 0
         drops a source. The command line re-weights the sources named here
-        (--dataloader.source_weights.text 0.6); a mixture with other source names (dclm,
-        metaclip, ...) sets this dict in its recipe."""
+        (--dataloader.source_weights.text 0.6). Empty (the ``mixture`` recipe): weights from
+        the manifest (`manifest_weights`), and the command line gives a whole mixture instead
+        (--dataloader.source_weights dclm 0.5 video 0.25 ...)."""
 
         p_understanding: float = 0.5
         """Probability that an image-text pair allowing both directions is laid out image-first."""
@@ -377,14 +492,19 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         cond_dropout: float = 0.1
         """Probability that a caption or action is dropped (classifier-free guidance)."""
 
-        noised_action_context: bool = False
-        """Noise the context frames of action samples too (see sequences.py); default clean."""
+        clean_conditioning_frames: bool = False
+        """Keep understanding (I->T) images and action context frames clean (t = 1, no flow
+        loss); default False: every frame is noised with its own t (paper App. B; sequences.py)."""
 
         normalize_latents: bool = True
         """Hand the model (latents - mean) / std with the manifest's per-channel statistics."""
 
         max_bad_fraction: float = 0.01
         """Fail when more than this fraction of a source's samples is bad (see loader.py)."""
+
+        max_latent_deviation: float = MAX_LATENT_DEVIATION
+        """Skip (as bad) samples with latents further than this many standard deviations from
+        the manifest's per-channel means, or non-finite ones (see shards.SampleSpec)."""
 
         seed: int = 0
         num_streams: int = 0
@@ -400,6 +520,10 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         def bind_model(self, model_config) -> None:
             """Take the latent width and vocabulary the shards must fit from the model."""
             self.latent_dim, self.vocab_size = model_config.latent_dim, model_config.vocab_size
+
+        def weights(self, manifest: Manifest) -> dict[str, float]:
+            """The weighted sources: `source_weights`, or the manifest's defaults when empty."""
+            return _check_weights(dict(self.source_weights) or manifest_weights(manifest), manifest)
 
         def prepare(self, seq_len: int, tokenizer: Tokenizer) -> Manifest:
             """Find (or generate) the shards and check them against the model, the tokenizer
@@ -430,6 +554,7 @@ class MultimodalDataLoader(ParallelAwareDataloader):
                     f"training.seq_len={seq_len} cannot hold one image: {manifest.path} has "
                     f"{manifest.tokens_per_frame} patches per frame, plus 4 special tokens"
                 )
+            check_document_lengths(manifest, self.weights(manifest), seq_len, self.max_bad_fraction)
             return manifest
 
     def __init__(
@@ -453,11 +578,12 @@ class MultimodalDataLoader(ParallelAwareDataloader):
             dp_world_size=dp_world_size,
             num_streams=config.num_streams,
             seed=config.seed,
-            source_weights=config.source_weights,
-            layout=LayoutSettings(config.p_understanding, config.cond_dropout, config.noised_action_context),
+            source_weights=config.weights(self.manifest),
+            layout=LayoutSettings(config.p_understanding, config.cond_dropout, config.clean_conditioning_frames),
             normalize_latents=config.normalize_latents,
             max_bad_fraction=config.max_bad_fraction,
             num_workers=config.num_workers,
+            max_latent_deviation=config.max_latent_deviation,
         )
         self._group_stats: dict[int, dict[str, int]] = {}
         super().__init__(

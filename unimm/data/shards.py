@@ -5,15 +5,31 @@ A sample is one `{key}.json` (``kind``, ground truth, provenance), one `{key}.to
 Samples come out as plain dicts: the json's fields plus ``key``, ``shard``, ``tokens`` (int64)
 and ``latents`` (float32, per-channel normalised when the spec says so; None for text).
 
-Bad data must not stop a long run: a sample with a missing part, undecodable content, token
-ids outside the vocabulary, an empty text where the kind needs one, latents of the wrong
-shape or non-finite latents is skipped, counted and logged with its shard and key; a shard
-that cannot be read to its end is logged and left at the point of failure. The loader turns
-a flood of such samples into an error (`max_bad_fraction`).
+Bad data must not stop a long run, and must never pass silently. Every sample a shard holds
+ends up in exactly one counter:
+
+- ``samples``: good, handed out.
+- ``bad_samples``: read but skipped, logged with shard, key and byte offset: a missing part,
+  undecodable content, token ids outside the vocabulary, an empty text where the kind needs
+  one, latents of the wrong shape, non-finite latents or latents implausibly far from the
+  manifest's per-channel statistics (`SampleSpec.max_latent_deviation`), a key already seen
+  in the shard (the repeat is skipped, the first record kept).
+- ``lost_samples``: not read at all, because the tar is cut short, damaged over them or cannot
+  be opened: the shard's sample count (its ``{name}.stats.json``, written next to every tar
+  by the data jobs) minus the records it gave, logged with shard and byte offsets. A tar with
+  no stats file is still read to its end, but how many samples a cut took is then unknown
+  (logged as such, and counted as a read error only).
+
+Besides the samples, ``read_errors`` counts damaged places in tar data (each logged with shard
+and byte offset; reading resynchronises at the next valid tar header, `tar_records`) and
+``unreadable_shards`` the shards that could not be opened or read (deleted or unreadable
+mid-run): both are skipped, and the run goes on. The loader turns a flood of any of these
+into an error naming the source (`max_bad_fraction`).
 
 webdataset keeps no resumable position (shared/FINDINGS.md), so `ShardCursor` keeps its own:
 (epoch, shard in this epoch's order, records consumed in that shard). Resuming reopens the
-shard and skips that many records, which reproduces the uninterrupted order exactly.
+shard and skips that many records, which reproduces the uninterrupted order exactly; what
+was counted while reading them was counted before the checkpoint and is not counted again.
 """
 
 from __future__ import annotations
@@ -22,16 +38,16 @@ import json
 import logging
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from webdataset.autodecode import basichandlers
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from unimm.data.latent_stats import ChannelStats, LatentNormalizer, to_float32
-from unimm.errors import ConfigError
+from unimm.data.tar_records import End, Fault, Record, read_records
+from unimm.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +56,11 @@ DIRECTIONS = ("i2t", "t2i")
 # The text a kind cannot do without (raw video may come without captions).
 TEXT_REQUIRED = {"text": "text", "image_text": "caption", "action": "action"}
 MANIFEST_FORMAT = 2
+# Latents further than this many standard deviations from the manifest's channel means are
+# data errors (a 1e30 in one channel makes the flow loss infinite), not rare samples.
+MAX_LATENT_DEVIATION = 1e3
+# Every counter a reader keeps, per source (the loader reports them as data/NAME/SOURCE).
+COUNTERS = ("samples", "bad_samples", "lost_samples", "read_errors", "unreadable_shards")
 
 
 @dataclass(frozen=True)
@@ -71,9 +92,18 @@ def load_manifest(folder: str | Path, expected_latent_dim: int) -> Manifest:
             f"(encoder {encoder!r}; regenerate the shards or change the model's latent width)"
         )
     sources = {name: [path.parent / f for f in files] for name, files in info["sources"].items()}
+    # A source with no shard at all is a wrong folder; a few missing shards (deleted since the
+    # run started, say) must not keep a run from resuming: the readers skip and count them.
     absent = [str(f) for files in sources.values() for f in files if not f.is_file()]
+    missing = set(absent)
+    gone = [name for name, files in sources.items() if files and all(str(f) in missing for f in files)]
+    if gone:
+        raise ConfigError(f"{path}: no shard file of sources {gone} exists, e.g. {absent[0]}")
     if absent:
-        raise ConfigError(f"{path}: {len(absent)} shard files do not exist, e.g. {absent[0]}")
+        logger.warning(
+            "%s: %d shard files do not exist, e.g. %s: the loader will skip them and count them under "
+            "data/unreadable_shards", path, len(absent), absent[0],
+        )
     stats = info["normalization"]
     normalizer = None if stats is None else LatentNormalizer.from_stats(ChannelStats.from_json(stats))
     return Manifest(path, latent_dim, int(info["tokens_per_frame"] or 0), sources, info, normalizer)
@@ -87,6 +117,54 @@ class SampleSpec:
     latent_dim: int
     vocab_size: int
     normalizer: LatentNormalizer | None = None
+    """Applied to the latents; None: handed out as stored (in float32)."""
+    latent_stats: LatentNormalizer | None = None
+    """The manifest's per-channel mean and std, for the plausibility check (default: those of
+    `normalizer`; neither: only non-finite latents are refused)."""
+    max_latent_deviation: float = MAX_LATENT_DEVIATION
+    """Refuse latents with |z - mean| > max_latent_deviation * scale in any channel, where
+    scale is the channel's std, or the mean std over channels when larger (so a channel that
+    hardly varies in the statistics does not refuse ordinary values)."""
+    _bounds: tuple[np.ndarray, np.ndarray] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not self.max_latent_deviation > 0:
+            raise ConfigError(f"max_latent_deviation must be positive, got {self.max_latent_deviation}")
+        stats = self.latent_stats or self.normalizer
+        if stats is None:
+            return
+        mean, std = stats.mean.astype(np.float64), stats.std.astype(np.float64)
+        reach = self.max_latent_deviation * np.maximum(std, std.mean())
+        lo, hi = mean - reach, mean + reach
+        if self.normalizer is not None:  # the check runs on the handed-out, normalised values
+            lo = (lo - self.normalizer.mean) / self.normalizer.std
+            hi = (hi - self.normalizer.mean) / self.normalizer.std
+        object.__setattr__(self, "_bounds", (lo.astype(np.float32), hi.astype(np.float32)))
+
+    def latent_problem(self, latents: np.ndarray) -> str:
+        """"" for plausible latents (as handed out: float32, normalised when the spec says
+        so), else why not."""
+        if self._bounds is None:
+            return "" if np.isfinite(latents).all() else "non-finite latents"
+        lo, hi = self._bounds
+        rows = latents.reshape(-1, latents.shape[-1])
+        # min/max propagate NaN, and NaN fails every comparison, so these find both faults.
+        # Whole-array extremes inside every channel's bounds settle it (fast); else per channel.
+        if rows.min() >= lo.max() and rows.max() <= hi.min():
+            return ""
+        if (rows.min(axis=0) >= lo).all() and (rows.max(axis=0) <= hi).all():
+            return ""
+        if not np.isfinite(rows).all():
+            return "non-finite latents"
+        stats = self.latent_stats or self.normalizer
+        raw = rows if self.normalizer is None else rows.astype(np.float64) * self.normalizer.std + self.normalizer.mean
+        sigmas = np.abs(raw - stats.mean) / np.maximum(stats.std, stats.std.mean())
+        channel = int(sigmas.max(axis=0).argmax())
+        return (
+            f"implausible latents: channel {channel} is {sigmas.max():.3g} standard deviations from the "
+            f"manifest's mean (value {raw.reshape(-1, raw.shape[-1])[sigmas[:, channel].argmax(), channel]:.3g}; "
+            f"limit dataloader.max_latent_deviation={self.max_latent_deviation:g})"
+        )
 
 
 def _decode(raw: dict[str, Any], ext: str) -> tuple[Any, str]:
@@ -146,48 +224,94 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec) -> tuple[dict[str, Any]
         return None, reason
     # Normalising keeps NaN and Inf, and float32 checks far faster than float16.
     latents = to_float32(latents) if spec.normalizer is None else spec.normalizer.normalize(latents)
-    if not np.isfinite(latents).all():
-        return None, "non-finite latents"
+    reason = spec.latent_problem(latents)
+    if reason:
+        return None, reason
     sample["latents"] = latents
     return sample, ""
 
 
-def _records(path: Path, stream: BinaryIO, on_error) -> Iterator[dict[str, Any]]:
-    """Raw records (bytes per extension) of one tar, grouped by key, in stored order."""
-    files = tar_file_expander([{"url": str(path), "stream": stream}], handler=on_error)
-    return group_by_keys(files, handler=on_error)
-
-
-def _error_handler(shard: Path, counters: dict[str, int]):
-    def on_error(exc: Exception) -> bool:
-        counters["read_errors"] = counters.get("read_errors", 0) + 1
-        logger.warning("unreadable data in shard %s: %r", shard, exc)
-        return True
-
-    return on_error
-
-
-def _checked(raw, shard: Path, spec: SampleSpec, counters: dict[str, int]):
-    sample, reason = decode_sample(raw, spec)
-    if sample is None:
-        counters["bad_samples"] = counters.get("bad_samples", 0) + 1
-        logger.warning("skipping bad sample %r in shard %s: %s", raw.get("__key__"), shard, reason)
+def shard_sample_count(shard: Path) -> int | None:
+    """How many samples the tar `shard` holds, from the ``{name}.stats.json`` the data jobs
+    write next to it (shard_job.py); None when there is none to read."""
+    stats = shard.with_name(shard.name.removesuffix(".tar") + ".stats.json")
+    try:
+        count = json.loads(stats.read_text()).get("samples")
+    except (OSError, ValueError, AttributeError):
         return None
-    counters["samples"] = counters.get("samples", 0) + 1
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def _add(counters: dict[str, int], name: str, n: int = 1) -> None:
+    counters[name] = counters.get(name, 0) + n
+
+
+def _count_faults(faults: list[Fault], shard: Path, counters: dict[str, int]) -> None:
+    for fault in faults:
+        _add(counters, "read_errors")
+        logger.warning("damaged tar data in shard %s %s", shard, fault)
+
+
+def _checked(record: Record, shard: Path, spec: SampleSpec, counters: dict[str, int]) -> dict[str, Any] | None:
+    """Count the record's faults, then the record: a good sample, or a bad one (None)."""
+    _count_faults(record.faults, shard, counters)
+    if record.duplicate_of is not None:
+        sample, reason = None, f"duplicate key (its first record in this shard is at byte {record.duplicate_of})"
+    else:
+        sample, reason = decode_sample({**record.parts, "__key__": record.key, "__url__": str(shard)}, spec)
+    if sample is None:
+        _add(counters, "bad_samples")
+        note = f" (near damaged tar data {record.note})" if record.note else ""
+        logger.warning("skipping bad sample %r in shard %s at byte %d: %s%s", record.key, shard, record.offset, reason, note)
+        return None
+    _add(counters, "samples")
     return sample
+
+
+def _count_end(
+    end: End, shard: Path, expected: int | None, counters: dict[str, int], *, owner: bool = True, lost: int | None = None
+) -> None:
+    """Count what the end of a shard reveals: damage after its last record, an unreadable
+    file, samples the shard holds but did not give (`lost`: this reader's share of them, all
+    when None). `owner`: this reader counts and logs the faults (readers that split a
+    shard's records count its lost samples each, its faults once)."""
+    if owner and end.unreadable:
+        _add(counters, "unreadable_shards")
+        logger.warning("skipping shard %s: %s", shard, "; ".join(f.what for f in end.faults))
+    elif owner:
+        _count_faults(end.faults, shard, counters)
+    missing = None if expected is None else expected - end.records
+    if missing is not None and missing > 0:
+        _add(counters, "lost_samples", missing if lost is None else lost)
+        if owner:
+            where = f"tar damaged at bytes {list(end.damage)}" if end.damage else "no damage found"
+            logger.warning(
+                "shard %s: %d of its %d samples could not be read and are lost (%s)",
+                shard, missing, expected, where,
+            )
+    elif owner and expected is None and end.truncated and not end.unreadable:
+        logger.warning(
+            "shard %s is cut short at byte %d: the samples after it are lost, an unknown number "
+            "(no %s to say how many the shard holds)",
+            shard, end.damage[-1] if end.damage else 0, shard.name.removesuffix(".tar") + ".stats.json",
+        )
 
 
 def read_samples(
     shards: list[Path], spec: SampleSpec, counters: dict[str, int] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Every good sample of `shards` once, in order (evaluation, inspection)."""
+    """Every good sample of `shards` once, in order (evaluation, inspection); bad, lost and
+    unreadable data counted in `counters` (module docstring) and logged."""
     counters = counters if counters is not None else {}
     for shard in shards:
-        with open(shard, "rb") as stream:
-            for raw in _records(shard, stream, _error_handler(shard, counters)):
-                sample = _checked(raw, shard, spec, counters)
-                if sample is not None:
-                    yield sample
+        shard = Path(shard)
+        for item in read_records(shard):
+            if isinstance(item, End):
+                _count_end(item, shard, shard_sample_count(shard), counters)
+                continue
+            sample = _checked(item, shard, spec, counters)
+            if sample is not None:
+                yield sample
 
 
 class ShardCursor:
@@ -220,10 +344,11 @@ class ShardCursor:
         self._seed_key = [seed, stream, zlib.crc32(source.encode())]
         self._spec = spec
         self.epoch, self.shard, self.record, self._good_in_epoch = 0, 0, 0, 0
-        self.counters: dict[str, int] = {"samples": 0, "bad_samples": 0, "read_errors": 0}
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._order = self._epoch_order()
-        self._file: BinaryIO | None = None
-        self._iter: Iterator[dict[str, Any]] | None = None
+        self._iter: Iterator[Record | End] | None = None
+        self._skip = 0  # records to pass over after a resume (counted before the checkpoint)
+        self._sizes: dict[Path, int | None] = {}  # shard -> its sample count, read once
 
     def _epoch_order(self) -> list[int]:
         rng = np.random.default_rng(self._seed_key + [self.epoch])
@@ -234,16 +359,29 @@ class ShardCursor:
 
     def _open(self) -> None:
         path = self._current_path()
-        self._file = open(path, "rb")  # noqa: SIM115 (stays open across next() calls; closed in _close)
-        self._iter = _records(path, self._file, _error_handler(path, self.counters))
-        for _ in range(self.record):  # resume: drop what was consumed before the checkpoint
-            if next(self._iter, None) is None:
-                break
+        if path not in self._sizes:
+            self._sizes[path] = shard_sample_count(path)
+        self._iter = read_records(path)  # an unreadable file comes out as an End, not an error
+        self._skip = self.record
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._iter = None, None
+        if self._iter is not None:
+            self._iter.close()
+        self._iter, self._skip = None, 0
+
+    def _owns(self, index: int) -> bool:
+        return not self._split_records or index % self._num_streams == self.stream
+
+    def _end_of_shard(self, end: End) -> None:
+        # With split records, every stream reads the whole shard: record i is stream
+        # i % num_streams's, and so are the samples missing at index i and the faults found
+        # with the i-th item, so that the streams together count each exactly once.
+        path, expected = self._current_path(), self._sizes.get(self._current_path())
+        lost = None
+        if self._split_records and expected is not None:
+            first = end.records + (self.stream - end.records) % self._num_streams
+            lost = len(range(first, expected, self._num_streams))
+        _count_end(end, path, expected, self.counters, owner=self._owns(end.records), lost=lost)
 
     def _next_shard(self) -> None:
         self._close()
@@ -251,9 +389,11 @@ class ShardCursor:
         if self.shard < len(self._shards):
             return
         if self._good_in_epoch == 0:
-            raise RuntimeError(
+            raise DataError(
                 f"source {self.source!r}, stream {self.stream}: a whole pass over "
-                f"{len(self._shards)} shards gave no usable sample"
+                f"{len(self._shards)} shards gave no usable sample (so far {self.counters['bad_samples']} "
+                f"bad samples, {self.counters['lost_samples']} lost, {self.counters['unreadable_shards']} "
+                "unreadable shards; the warnings name each shard)"
             )
         self.epoch, self.shard, self._good_in_epoch = self.epoch + 1, 0, 0
         self._order = self._epoch_order()
@@ -262,14 +402,18 @@ class ShardCursor:
         while True:
             if self._iter is None:
                 self._open()
-            raw = next(self._iter, None)
-            if raw is None:
+            item = next(self._iter)
+            if isinstance(item, End):
+                self._end_of_shard(item)
                 self._next_shard()
                 continue
-            index, self.record = self.record, self.record + 1
-            if self._split_records and index % self._num_streams != self.stream:
+            if self._skip:
+                self._skip -= 1
                 continue
-            sample = _checked(raw, self._current_path(), self._spec, self.counters)
+            index, self.record = self.record, self.record + 1
+            if not self._owns(index):
+                continue
+            sample = _checked(item, self._current_path(), self._spec, self.counters)
             if sample is not None:
                 self._good_in_epoch += 1
                 return sample
@@ -287,5 +431,5 @@ class ShardCursor:
         self._close()
         self.epoch, self.shard, self.record = state["epoch"], state["shard"], state["record"]
         self._good_in_epoch = state["good_in_epoch"]
-        self.counters = dict(state["counters"])
+        self.counters = {**dict.fromkeys(COUNTERS, 0), **state["counters"]}  # older checkpoints lack some
         self._order = self._epoch_order()

@@ -17,6 +17,7 @@ job records in its manifest and what worker processes rebuild the encoder from.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -63,14 +64,75 @@ class EncoderSpec:
     def describe(self) -> dict:
         return {**asdict(self), "image_size": self.resolved_image_size}
 
+    def check_weights(self) -> None:
+        """Raise a one-line ConfigError unless `path` looks like this encoder's weights folder.
+
+        A cheap look at the file names (nothing is loaded), so a job can refuse a wrong
+        --encoder-path before it writes anything."""
+        if self.name == "raw_pixels":
+            return
+        library, weights = _WEIGHT_FILES["diffusers" if self.name in vae.NAMES else "transformers"]
+        expected = (
+            f"a {library} save_pretrained folder: config.json and {weights[0]} "
+            f"(or {weights[2]}, or a sharded *.index.json)"
+        )
+        folder = Path(self.path).expanduser()
+        where = f"encoder {self.name!r}: --encoder-path {self.path}"
+        if not folder.exists():
+            raise ConfigError(f"{where} does not exist; expected {expected}")
+        if not folder.is_dir():
+            raise ConfigError(f"{where} is a file, not a folder; expected {expected}")
+        missing = [] if (folder / "config.json").is_file() else ["config.json"]
+        if not any((folder / w).is_file() for w in weights):
+            missing.append("weights file")
+        if missing:
+            present = sorted(p.name for p in folder.iterdir())
+            found = ", ".join(present[:6]) + (", ..." if len(present) > 6 else "") if present else "nothing"
+            hint = ""
+            if (folder / "vae" / "config.json").is_file():
+                hint = f" (a diffusers pipeline? its VAE is {folder / 'vae'})"
+            raise ConfigError(f"{where} has no {' and no '.join(missing)} (found: {found}); expected {expected}{hint}")
+
+
+# Weight files from_pretrained reads without a `variant`: (library, names), one-file or sharded.
+_WEIGHT_FILES = {
+    "transformers": (
+        "transformers",
+        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ),
+    "diffusers": (
+        "diffusers",
+        (
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.bin.index.json",
+        ),
+    ),
+}
+
 
 def load_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
+    """The encoder `spec` names; a folder that is not its weights is a one-line ConfigError."""
     size = spec.resolved_image_size
     if spec.name == "raw_pixels":
         return RawPixels(size, spec.patch)
-    if spec.name in semantic.NAMES:
-        return semantic.SemanticEncoder(spec.name, spec.path, size, device)
-    return vae.VaeEncoder(spec.name, spec.path, size, device)
+    spec.check_weights()
+    try:
+        if spec.name in semantic.NAMES:
+            return semantic.SemanticEncoder(spec.name, spec.path, size, device)
+        return vae.VaeEncoder(spec.name, spec.path, size, device)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # transformers / diffusers explain a bad folder in several lines: keep the gist on one.
+        library = "diffusers AutoencoderKL" if spec.name in vae.NAMES else "transformers AutoModel"
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise ConfigError(
+            f"encoder {spec.name!r}: {library} cannot load --encoder-path {spec.path} "
+            f"({type(exc).__name__}: {detail})"
+        ) from exc
 
 
 def add_encoder_arguments(parser) -> None:

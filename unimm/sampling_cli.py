@@ -1,16 +1,20 @@
 """``unimm sample``: look at what a run has learnt, in both directions.
 
 Generates one image per ``--prompt`` (text -> image, 25-step Euler with guidance) and
-captions the first images of the run's own image-text shards (image -> text), then writes
-``samples.png`` (a person's view) and ``samples.json`` beside it.
+captions the first images of the run's own image-to-text shards (image -> text), then writes
+``samples.png`` (a person's view) and ``samples.json`` beside it. The sources to caption are
+chosen by what the manifest says about them (`captioning_sources`), whatever their names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import textwrap
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +22,42 @@ import torch
 from unimm.errors import ConfigError
 
 DEFAULT_PROMPTS = ("a red circle", "a blue square", "a yellow triangle and a green diamond", "a purple star")
+
+DESCRIPTION = """\
+Generate one image per --prompt (text to image) and caption images from the run's own
+image-to-text shards (image to text) with the run's latest (or --step) checkpoint; writes
+samples.png and samples.json to RUN/samples (or --out).
+
+Images to caption come from every source whose manifest entry has kind image_text and the
+i2t direction (captioning, understanding), whatever the source is called; when there is
+none, from the image_text sources trained only for t2i.
+
+Further --section.key VALUE options are the run's torchtitan config overrides (give the
+same ones as to unimm train, e.g. --dataloader.shards DIR)."""
+
+
+def captioning_sources(info: dict[str, Any]) -> list[str]:
+    """The sources of a manifest (`manifest.json` as a dict) to caption images from.
+
+    Chosen by `source_info` (written by every data job: kind, directions), not by name:
+    image_text sources trained image -> text (direction i2t; no directions recorded means
+    both, as the loader reads it), in manifest order; if there is none, the image_text
+    sources trained only text -> image (their texts describe their images too)."""
+    source_info = info.get("source_info") or {}
+    pairs = [name for name in info.get("sources", {}) if (source_info.get(name) or {}).get("kind") == "image_text"]
+    understanding = [n for n in pairs if "i2t" in (source_info[n].get("directions") or ["i2t", "t2i"])]
+    return understanding or pairs
+
+
+def _round_robin(streams: Iterable[Iterator]) -> Iterator:
+    """One item of each stream in turn, so a few captions still cover every source."""
+    active = list(streams)
+    while active:
+        for stream in list(active):
+            try:
+                yield next(stream)
+            except StopIteration:
+                active.remove(stream)
 
 
 def latest_checkpoint(run: Path, step: int | None) -> Path:
@@ -52,10 +92,22 @@ def _load_sampler(args: argparse.Namespace):
         SamplingConfig(euler_steps=args.euler_steps, cfg_scale=args.cfg_scale),
         generator=torch.Generator().manual_seed(args.seed),
     )
-    encoder = load_encoder(EncoderSpec(**manifest.info["encoder"]))
+    encoder = load_encoder(EncoderSpec(**manifest.info["encoder"])) if manifest.info.get("encoder") else None
     spec = SampleSpec(manifest.tokens_per_frame, manifest.latent_dim, tokenizer.get_vocab_size(), manifest.normalizer)
-    images = list(islice(read_samples(manifest.sources.get("image_text", []), spec), args.caption_images))
+    streams = [
+        ((name, s) for s in read_samples(manifest.sources[name], spec)) for name in captioning_sources(manifest.info)
+    ]
+    # (source, the text the sample trains after its image (its stored ids), its frame's latents)
+    images = [
+        (name, tokenizer.decode(s["tokens"].tolist()), s["latents"][0])
+        for name, s in islice(_round_robin(streams), args.caption_images)
+    ]
     return sampler, encoder, manifest.normalizer, images
+
+
+def _clipped(text: str) -> str:
+    """A plot title's share of a long text, in two lines at most (samples.json keeps it whole)."""
+    return textwrap.fill(textwrap.shorten(text, 64, placeholder=" ...") or text[:60], 34)
 
 
 def _to_pixels(latents: np.ndarray, encoder, normalizer) -> np.ndarray | None:
@@ -66,6 +118,10 @@ def _to_pixels(latents: np.ndarray, encoder, normalizer) -> np.ndarray | None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    if args.caption_images < 0 or args.euler_steps < 1:
+        raise ConfigError(
+            f"--caption-images must be >= 0 and --euler-steps >= 1, got {args.caption_images} and {args.euler_steps}"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,13 +132,15 @@ def _sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     generated = [(p, sampler.text_to_image(p).numpy()) for p in args.prompt or DEFAULT_PROMPTS]
     captioned = [
-        (s["caption"], sampler.image_to_text(torch.from_numpy(s["latents"][0])), s["latents"][0]) for s in shard_images
+        (source, truth, sampler.image_to_text(torch.from_numpy(latents)), latents) for source, truth, latents in shard_images
     ]
     for i, (_, latents) in enumerate(generated):
         np.save(out / f"generated_{i}.npy", latents)
     report = {
         "text_to_image": [{"prompt": p, "latents": f"generated_{i}.npy"} for i, (p, _) in enumerate(generated)],
-        "image_to_text": [{"truth": truth, "generated": text} for truth, text, _ in captioned],
+        "image_to_text": [
+            {"source": source, "truth": truth, "generated": text} for source, truth, text, _ in captioned
+        ],
     }
     (out / "samples.json").write_text(json.dumps(report, indent=2))
 
@@ -95,11 +153,11 @@ def _sample(args: argparse.Namespace) -> int:
         if pixels is not None:
             ax.imshow(pixels, interpolation="nearest")
         ax.set_title(f"generated:\n{prompt}", fontsize=8)
-    for ax, (truth, text, latents) in zip(axes[1], captioned):
+    for ax, (source, truth, text, latents) in zip(axes[1], captioned):
         pixels = _to_pixels(latents, encoder, normalizer)
         if pixels is not None:
             ax.imshow(pixels, interpolation="nearest")
-        ax.set_title(f"truth: {truth}\nmodel: {text}", fontsize=7)
+        ax.set_title(f"{source}\ntruth: {_clipped(truth)}\nmodel: {_clipped(text)}", fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=100)
     plt.close(fig)
@@ -111,15 +169,28 @@ def register(verbs: argparse._SubParsersAction) -> None:
     sample = verbs.add_parser(
         "sample",
         help="generate images from captions and captions from images with a trained run",
-        description="Further --section.key VALUE options are the run's torchtitan config overrides.",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sample.add_argument("--run", required=True, help="run folder (holds checkpoint/step-N)")
-    sample.add_argument("--recipe", required=True, help="the recipe the run was trained with")
-    sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    sample.add_argument("--prompt", action="append", help="caption to generate an image for (repeatable)")
-    sample.add_argument("--caption-images", type=int, default=4, help="shard images to caption")
-    sample.add_argument("--euler-steps", type=int, default=25)
-    sample.add_argument("--cfg-scale", type=float, default=3.0)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default=None, help="default: RUN/samples")
+    sample.add_argument("--run", required=True, metavar="DIR", help="run folder (holds checkpoint/step-N)")
+    sample.add_argument("--recipe", required=True, metavar="NAME", help="the recipe the run was trained with")
+    sample.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
+    sample.add_argument(
+        "--prompt", action="append", metavar="TEXT",
+        help=f"caption to generate an image for; repeat for several (default: {len(DEFAULT_PROMPTS)} built-in shape captions)",
+    )
+    sample.add_argument(
+        "--caption-images", type=int, default=4, metavar="N",
+        help="images from the run's image-to-text shards to caption (default: 4; 0: none)",
+    )
+    sample.add_argument(
+        "--euler-steps", type=int, default=25, metavar="N",
+        help="Euler steps of the flow sampler per generated image (default: 25)",
+    )
+    sample.add_argument(
+        "--cfg-scale", type=float, default=3.0, metavar="W",
+        help="classifier-free guidance weight; 1.0 turns guidance off (default: 3.0)",
+    )
+    sample.add_argument("--seed", type=int, default=0, help="seed of the generated images' noise; captions are greedy (default: 0)")
+    sample.add_argument("--out", default=None, metavar="DIR", help="folder for samples.png and samples.json (default: RUN/samples)")
     sample.set_defaults(func=_sample, takes_overrides=True)

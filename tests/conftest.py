@@ -1,11 +1,20 @@
+from __future__ import annotations
+
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from unimm.titan.metrics_jsonl import read_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from unimm.model.transformer import UnimmModel
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +74,41 @@ def train_recipe(recipe: str, out: Path, cache: Path, *extra: str, steps: int, n
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def starting_weights(config: UnimmModel.Config) -> dict[str, torch.Tensor]:
+    """Initialised weights, with the zero-initialised flow head and router biases drawn at
+    random so that outputs depend on them."""
+    import torch
+
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_weights()
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name.startswith("flow_head") or name.endswith("expert_bias"):
+            tensor.normal_(std=0.1)
+    return state
+
+
+@dataclass
+class Start:
+    """Known weights as a DCP checkpoint and as a Hugging Face export of it."""
+
+    flavor: str
+    weights: dict[str, torch.Tensor]
+    dcp: Path
+    hf: Path
+
+
+def make_start(root: Path, flavor: str, weights: dict[str, torch.Tensor] | None = None) -> Start:
+    """Weights of a model flavor (default: its starting_weights) saved as a DCP checkpoint and
+    exported by `unimm convert to-hf`."""
+    from unimm.cli import main
+    from unimm.convert.dcp_io import save_model_checkpoint
+    from unimm.titan.model_spec import FLAVORS
+
+    weights = starting_weights(FLAVORS[flavor]()) if weights is None else weights
+    save_model_checkpoint(weights, root / "start")
+    assert main(["convert", "to-hf", "--ckpt", str(root / "start"), "--out", str(root / "start_hf")]) == 0
+    return Start(flavor, weights, root / "start", root / "start_hf")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from conftest import run_unimm, small_run_options
+from conftest import Start, make_start, run_unimm, small_run_options, starting_weights
 from unimm.cli import main
 from unimm.convert.dcp_io import DcpCheckpoint, save_model_checkpoint
 from unimm.convert.safetensors_io import read_safetensors
@@ -41,36 +41,6 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-
-
-def starting_weights(config: UnimmModel.Config) -> dict[str, torch.Tensor]:
-    """Initialised weights, with the zero-initialised flow head and router biases drawn at
-    random so that outputs depend on them."""
-    torch.manual_seed(0)
-    model = config.build()
-    model.init_weights()
-    state = model.state_dict()
-    for name, tensor in state.items():
-        if name.startswith("flow_head") or name.endswith("expert_bias"):
-            tensor.normal_(std=0.1)
-    return state
-
-
-@dataclass
-class Start:
-    """Known weights as a DCP checkpoint and as a Hugging Face export of it."""
-
-    flavor: str
-    weights: dict[str, torch.Tensor]
-    dcp: Path
-    hf: Path
-
-
-def make_start(root: Path, flavor: str) -> Start:
-    weights = starting_weights(FLAVORS[flavor]())
-    save_model_checkpoint(weights, root / "start")
-    assert convert("to-hf", "--ckpt", root / "start", "--out", root / "start_hf") == 0
-    return Start(flavor, weights, root / "start", root / "start_hf")
 
 
 @dataclass

@@ -3,11 +3,21 @@
 The weights land in ``RUN/checkpoint/step-0`` as a model-only checkpoint, the layout of
 torchtitan's seed checkpoint: `unimm train --out RUN` resumes from it, and any run starts from
 it with ``--checkpoint.initial_load_path RUN/checkpoint/step-0 --checkpoint.initial_load_model_only``.
+
+RUN must hold no training state: from-hf refuses a folder with other checkpoints or a run's
+metrics, with or without ``--overwrite``, and touches nothing there. Writing step-0 beside a run's
+step-N would not even be used (unimm train resumes from the highest step), and replacing the
+checkpoint folder would delete the run. ``--overwrite`` replaces only a step-0 that from-hf
+wrote, recognised by the marker file it leaves in it.
+
+The weight files are checked against the sha256 checksums to-hf records in the index; a
+folder without them (exported elsewhere) is read with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,8 +25,8 @@ import torch
 from unimm.convert.architecture import check_shapes, flavor_differences
 from unimm.convert.dcp_io import save_model_checkpoint
 from unimm.convert.hf_config import model_config_from_hf
-from unimm.convert.safetensors_io import read_safetensors
-from unimm.convert.staging import staged_folder
+from unimm.convert.safetensors_io import INDEX, read_safetensors, verify_checksums
+from unimm.convert.staging import RUN_FILES, STAGING_PREFIX, staged_folder
 from unimm.convert.state_dict_adapter import UnimmStateDictAdapter
 from unimm.errors import ConfigError
 
@@ -26,8 +36,46 @@ def _as_trained(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
+MARKER = "unimm_from_hf.json"
+"""Written into the step-0 folder from-hf makes: the only checkpoint --overwrite may replace."""
+
+
+def _listing(paths: list[Path], most: int = 3) -> str:
+    names = ", ".join(str(p) for p in paths[:most])
+    return names + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def _check_destination(hf: Path, run: Path, overwrite: bool) -> Path:
+    """``run/checkpoint/step-0`` if from-hf may write it; a ConfigError otherwise."""
+    checkpoint = run / "checkpoint"
+    step0 = checkpoint / "step-0"
+    for path in (run, checkpoint):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} is not a folder; from-hf writes {step0}")
+    state = [run / name for name in RUN_FILES if (run / name).exists()]
+    if checkpoint.is_dir():
+        state += sorted(p for p in checkpoint.iterdir() if p != step0 and not p.name.startswith(STAGING_PREFIX))
+    if step0.exists() and not (step0 / MARKER).is_file():
+        state.append(step0)
+    if state:
+        unmarked = (
+            f" ({step0} holds no {MARKER}: it was not written by from-hf, or by an older unimm; "
+            "remove it by hand if it is yours to replace)" if step0 in state else ""
+        )
+        raise ConfigError(
+            f"{run} holds training state ({_listing(state)}){unmarked}; from-hf never replaces a run's checkpoints, "
+            "nor writes step-0 beside them (unimm train would resume from the run's latest step), "
+            "with or without --overwrite. Pass a new --out, or start a run from the export with "
+            f"--checkpoint.initial_load_path {hf.resolve()} --checkpoint.initial_load_in_hf --checkpoint.initial_load_model_only"
+        )
+    if step0.exists() and not overwrite:
+        raise ConfigError(f"{step0} exists (an earlier from-hf wrote it); pass --overwrite to replace it")
+    return step0
+
+
 def import_from_hf(hf: Path, run: Path, overwrite: bool) -> list[str]:
     """Write ``run/checkpoint/step-0``; return the registered model flavors it matches."""
+    step0 = _check_destination(hf, run, overwrite)
     config_file = hf / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{hf}: no config.json; from-hf reads folders `unimm convert to-hf` wrote")
@@ -38,10 +86,19 @@ def import_from_hf(hf: Path, run: Path, overwrite: bool) -> list[str]:
             "`unimm convert to-hf --format unimm` writes"
         )
     model = model_config_from_hf(config, config_file)
+    verified = verify_checksums(hf)
+    if not verified:
+        print(
+            f"unimm: warning: {hf}: no sha256 checksums in its {INDEX} (a folder not written by unimm "
+            "convert to-hf, or by an older one): its weight files are read unverified",
+            file=sys.stderr,
+        )
     hf_state = read_safetensors(hf)
     state = {name: _as_trained(t) for name, t in UnimmStateDictAdapter(model, None).from_hf(hf_state).items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     check_shapes(model, shapes, hf, f"its {config_file.name}")
-    with staged_folder(run / "checkpoint", overwrite) as folder:
-        save_model_checkpoint(state, folder / "step-0")
+    with staged_folder(step0, overwrite) as folder:
+        save_model_checkpoint(state, folder)
+        marker = {"written_by": "unimm convert from-hf", "source": str(hf.resolve()), "sha256_verified": verified}
+        (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return [name for name, differences in flavor_differences(shapes).items() if not differences]

@@ -29,6 +29,9 @@ out = model.forward_flow(
 out.flow[modality == 1]  # the flow-matching prediction for each patch
 ```
 
+Rows longer than the {max_seq_len} positions the model was trained on (prompt and generated
+tokens together) raise a ValueError.
+
 `unimm convert from-hf --hf {path} --out RUN_DIR` turns this folder back into a torchtitan
 checkpoint (`RUN_DIR/checkpoint/step-0`) that `unimm train` starts from.'''
 
@@ -42,7 +45,12 @@ print(tokenizer.decode(model.generate(**prompt, max_new_tokens=40)[0], skip_spec
 ```
 
 This is the text backbone only: the visual adapters (latent projection, timestep embedding)
-and the flow head are not in this folder. `--format unimm` exports them too.'''
+and the flow head are not in this folder. `--format unimm` exports them too.
+
+The model was trained on rows of up to {max_seq_len} positions (`max_position_embeddings`).
+Stock Llama code refuses no length: `generate()` stops there by default and the tokenizer
+truncates there with `truncation=True`, but a longer `max_new_tokens` or input only logs a
+warning and runs on positions the model never saw.'''
 
 
 def _feed_forward(ffn: FFNConfig) -> str:
@@ -51,13 +59,20 @@ def _feed_forward(ffn: FFNConfig) -> str:
         return f"{moe.top_k} of {moe.num_experts} experts of width {moe.expert_hidden_dim} (shared experts: {moe.shared})"
     if ffn.kind == "modality":
         return f"one SwiGLU for text, one for vision, width {ffn.hidden_dim}"
+    if ffn.kind == "mot":
+        return (
+            f"Mixture of Transformers: one SwiGLU (width {ffn.hidden_dim}), attention projections and norms "
+            "for text, another for vision; one attention over all tokens"
+        )
     return f"SwiGLU, width {ffn.hidden_dim}"
 
 
 def model_card(arch: Architecture, fmt: str, checkpoint: Path, dtype: str, folder_name: str) -> str:
     model = arch.model
     tags = ["unimm", "text-generation"] + (["llama"] if fmt == "llama" else ["multimodal", "flow-matching"])
-    use = (_LLAMA_USE if fmt == "llama" else _UNIMM_USE).format(path=folder_name, latent_dim=model.latent_dim)
+    use = (_LLAMA_USE if fmt == "llama" else _UNIMM_USE).format(
+        path=folder_name, latent_dim=model.latent_dim, max_seq_len=model.max_seq_len
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation

@@ -10,7 +10,9 @@ that the rule inverts exactly on each name it converts.
 
 q and k projections are also permuted row-wise: torchtitan's ComplexRoPE rotates adjacent
 pairs (2i, 2i+1) of each head, HF's rotate_half rotates (i, i + head_dim/2). Permuting the
-rows that produce each head makes the two conventions compute the same attention.
+rows that produce each head makes the two conventions compute the same attention. A Mixture
+of Transformers stacks its per-modality projections as [2, in, out] (``x @ w[m]``): there the
+permuted dimension is the last one, in each modality's weight.
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ def half_to_interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.view(n, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _permute_heads(w: torch.Tensor, head_dim: int, permute) -> torch.Tensor:
+    if w.dim() == 3:  # MoT [2, in, out]: the output features are the last dimension
+        return permute(w.movedim(-1, 0).contiguous(), head_dim).movedim(0, -1).contiguous()
+    return permute(w, head_dim)
+
+
 class UnimmStateDictAdapter(StateDictAdapter):
     """torchtitan's hook for --checkpoint.last_save_in_hf / initial_load_in_hf, and the
     mapping `unimm convert` uses."""
@@ -120,7 +128,7 @@ class UnimmStateDictAdapter(StateDictAdapter):
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return {
-            to_hf_name(name): interleaved_to_half(value, self.head_dim) if _is_rotated(name) else value
+            to_hf_name(name): _permute_heads(value, self.head_dim, interleaved_to_half) if _is_rotated(name) else value
             for name, value in state_dict.items()
         }
 
@@ -128,5 +136,5 @@ class UnimmStateDictAdapter(StateDictAdapter):
         state_dict = {}
         for hf, value in hf_state_dict.items():
             name = from_hf_name(hf)
-            state_dict[name] = half_to_interleaved(value, self.head_dim) if _is_rotated(name) else value
+            state_dict[name] = _permute_heads(value, self.head_dim, half_to_interleaved) if _is_rotated(name) else value
         return state_dict

@@ -8,6 +8,7 @@ shared-FFN model as a stock LlamaForCausalLM, for tools that know Llama and noth
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,8 +22,8 @@ from unimm.convert.hf_config import llama_config_kwargs, unimm_config_kwargs
 from unimm.convert.hf_tokenizer import export_tokenizer
 from unimm.convert.model_card import model_card
 from unimm.convert.safetensors_io import write_safetensors
-from unimm.convert.staging import staged_folder
-from unimm.convert.state_dict_adapter import UnimmStateDictAdapter
+from unimm.convert.staging import staged_folder, training_state
+from unimm.convert.state_dict_adapter import UnimmStateDictAdapter, from_hf_name
 from unimm.errors import ConfigError
 from unimm.model.params import ADAPTER_MODULES
 
@@ -46,6 +47,8 @@ class ExportRequest:
     overrides: tuple[str, ...] = ()
     max_shard_bytes: int = 5 * 10**9
     overwrite: bool = False
+    allow_nonfinite: bool = False
+    """Export NaN/Inf weights (with a warning) instead of refusing the checkpoint."""
 
     def __post_init__(self) -> None:
         if self.overrides and self.recipe is None:
@@ -81,11 +84,53 @@ def _hf_weights(checkpoint: DcpCheckpoint, arch: Architecture, fmt: str, dtype: 
     }
 
 
+def _nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """One line per tensor holding NaN or Inf, by the checkpoint's (native) name."""
+    found = []
+    for name, t in state.items():
+        if not t.is_floating_point() or torch.isfinite(t).all():
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        found.append(f"{from_hf_name(name)} ({nan + inf} of {t.numel()}: {nan} NaN, {inf} Inf)")
+    return found
+
+
+def _check_finite(state: dict[str, torch.Tensor], request: ExportRequest) -> None:
+    if not (found := _nonfinite(state)):
+        return
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    what = f"{request.checkpoint}: {len(found)} tensor(s) hold non-finite values: {shown}"
+    if not request.allow_nonfinite:
+        raise ConfigError(
+            f"{what}; refusing to export them. Export an earlier checkpoint, or pass --allow-nonfinite "
+            "to write them anyway (e.g. to inspect the damage)"
+        )
+    print(f"unimm: warning: {what}; exporting them as they are (--allow-nonfinite)", file=sys.stderr)
+
+
 def export_to_hf(request: ExportRequest) -> Architecture:
     from transformers import GenerationConfig
 
+    if request.overwrite and (state := training_state(request.out)):
+        raise ConfigError(
+            f"{request.out} holds training state ({', '.join(map(str, state))}); --overwrite replaces only "
+            "a Hugging Face folder, never a run or a checkpoint: pass another --out"
+        )
     checkpoint = DcpCheckpoint(request.checkpoint)
     arch = resolve_architecture(checkpoint.shapes(), request.checkpoint, request.recipe, list(request.overrides))
+    if request.fmt == "unimm" and getattr(arch.model, "understanding_dim", 0):
+        raise ConfigError(
+            f"{request.checkpoint}: a dual-encoder model (understanding_proj, {arch.model.understanding_dim}-wide "
+            "understanding latents) cannot be exported as --format unimm yet: the Hugging Face modeling code has "
+            "no second input projection. Its DCP checkpoint trains, resumes and samples with unimm; "
+            "--format llama exports the text backbone of a shared-FFN one"
+        )
+    if request.fmt == "llama" and arch.model.ffn.kind == "mot":
+        raise ConfigError(
+            f"{request.checkpoint}: --format llama cannot hold a Mixture of Transformers: its attention "
+            "projections, norms and FFNs are per modality (a text and a vision copy of every block), "
+            "and a LlamaForCausalLM has one of each; --format unimm exports it"
+        )
     if request.fmt == "llama" and arch.model.ffn.kind != "shared":
         raise ConfigError(
             f"{request.checkpoint}: --format llama needs a shared (dense) FFN, this model's is "
@@ -94,7 +139,10 @@ def export_to_hf(request: ExportRequest) -> Architecture:
     dtype = DTYPES[request.dtype]
     with staged_folder(request.out, request.overwrite) as folder:
         exported = export_tokenizer(arch.tokenizer, arch.model.vocab_size, arch.model.max_seq_len)
-        write_safetensors(_hf_weights(checkpoint, arch, request.fmt, dtype), folder, request.max_shard_bytes)
+        weights = _hf_weights(checkpoint, arch, request.fmt, dtype)
+        _check_finite(weights, request)
+        write_safetensors(weights, folder, request.max_shard_bytes)
+        del weights
         exported.tokenizer.save_pretrained(folder)
         ids = exported.special_ids
         write_config = _write_llama_config if request.fmt == "llama" else _write_unimm_config

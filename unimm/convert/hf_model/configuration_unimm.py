@@ -7,7 +7,7 @@ meaning is the same, so the text backbone reads like any other decoder's configu
 
 from transformers import PretrainedConfig
 
-FFN_KINDS = ("shared", "modality", "moe")
+FFN_KINDS = ("shared", "modality", "moe", "mot")
 SHARED_EXPERT_MODES = {"none": 0, "global": 1, "per_modality": 2}
 
 
@@ -15,14 +15,17 @@ class UnimmConfig(PretrainedConfig):
     """One decoder over text tokens and visual latent patches (Transfusion family).
 
     ffn_kind: ``shared`` (one SwiGLU FFN), ``modality`` (expert 0 for text tokens, expert 1
-    for visual ones) or ``moe`` (``num_experts`` experts of width ``moe_intermediate_size``,
-    ``num_experts_per_tok`` active per token, the ``shared_experts`` ones included).
+    for visual ones), ``moe`` (``num_experts`` experts of width ``moe_intermediate_size``,
+    ``num_experts_per_tok`` active per token, the ``shared_experts`` ones included) or ``mot``
+    (Mixture of Transformers: the modality FFN, and per-modality attention projections and
+    norms, the final norm included; one attention over all tokens).
     latent_dim: width of one visual latent patch; time_freq_dim: sinusoidal features of the
     flow-matching time t in [0, 1] (t = 1 is a clean latent).
     """
 
     model_type = "unimm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # The cache output's name before and since transformers 5.24 (Trainer leaves it out of predictions).
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

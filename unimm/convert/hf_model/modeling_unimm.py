@@ -7,7 +7,9 @@ unimm.model.transformer's, laid out under Llama's module names:
 - input: text tokens through ``embed_tokens``; each visual latent patch through
   ``latent_proj`` plus an embedding of its flow time t (``modality`` says which is which);
 - Llama-style pre-norm blocks: RMSNorm, RoPE (rotate-half layout), grouped-query attention,
-  and a SwiGLU FFN that is shared, per modality, or a mixture of experts;
+  and a SwiGLU FFN that is shared, per modality, or a mixture of experts; or, as a Mixture
+  of Transformers (``mot``), norms, attention projections and FFN all per modality under one
+  global attention;
 - two heads: ``lm_head`` (next text token) and ``flow_head`` (the flow-matching prediction
   for each visual patch).
 
@@ -30,6 +32,17 @@ from .configuration_unimm import SHARED_EXPERT_MODES, UnimmConfig
 
 TEXT, VISION = 0, 1
 
+# transformers 5.24 renamed the generation cache from ``past_key_values`` to ``cache``: generate()
+# passes ``cache=`` to forward and reads ``outputs["cache"]``; earlier versions use the old name on
+# both sides. forward takes either and returns the field the installed version's outputs declare.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def either_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the generation cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 # -- masks and positions ---------------------------------------------------------------------
 
@@ -45,14 +58,22 @@ def hybrid_attention_mask(document_ids: torch.Tensor, frame_ids: torch.Tensor) -
     return (same_document & ((idx[None, :] <= idx[:, None]) | same_frame))[:, None]
 
 
-def causal_attention_mask(padding_mask: torch.Tensor | None, query_len: int, past_len: int, device) -> torch.Tensor:
-    """[B or 1, 1, q, kv] boolean mask for text: causal over cached and new positions, minus
-    padding. A padding query keeps itself so that its softmax row is never empty."""
-    kv_pos = torch.arange(past_len + query_len, device=device)
-    q_pos = kv_pos[past_len:]
+def causal_attention_mask(
+    padding_mask: torch.Tensor | None, query_len: int, past_len: int, kv_len: int, device
+) -> torch.Tensor:
+    """[B or 1, 1, q, kv_len] boolean mask for text: causal over cached and new positions, minus
+    padding. A padding query keeps itself so that its softmax row is never empty.
+
+    kv_len is how many keys the cache hands back: past + new for a dynamic cache, its whole
+    preallocated length for a static one, whose empty slots lie after every query."""
+    kv_pos = torch.arange(kv_len, device=device)
+    q_pos = torch.arange(past_len, past_len + query_len, device=device)
     mask = (kv_pos[None, :] <= q_pos[:, None])[None]
     if padding_mask is not None:
-        mask = (mask & padding_mask[:, None, : past_len + query_len].bool()) | (kv_pos[None, :] == q_pos[:, None])
+        keys_BK = padding_mask[:, :kv_len].bool()
+        # generate()'s padding mask covers past + new positions only; later slots are masked causally.
+        keys_BK = torch.cat([keys_BK, keys_BK.new_ones(keys_BK.shape[0], kv_len - keys_BK.shape[1])], dim=1)
+        mask = (mask & keys_BK[:, None]) | (kv_pos[None, :] == q_pos[:, None])
     return mask[:, None]
 
 
@@ -93,15 +114,18 @@ class UnimmAttention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x_BLD, cos, sin, mask, past_key_values: Cache | None) -> torch.Tensor:
+    def forward(self, x_BLD, cos, sin, mask_for_keys, cache: Cache | None, cache_position) -> torch.Tensor:
+        """mask_for_keys(kv_len): the [B or 1, 1, L, kv_len] mask for the keys the cache returns."""
         B, L, _ = x_BLD.shape
         q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        out_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if cache is not None:
+            # transformers < 5 writes a static cache at cache_kwargs["cache_position"] (slot 0
+            # without it); 5.x counts for itself and ignores the extra argument.
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        out_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_for_keys(k.shape[-2]), enable_gqa=True)
         return self.o_proj(out_BHLK.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -199,7 +223,7 @@ class UnimmMoE(nn.Module):
         return self.experts(x_TD, experts_Tk, weights_Tk).reshape(B, L, D)
 
 
-MLP_CLASSES = {"shared": UnimmMLP, "modality": UnimmModalityMLP, "moe": UnimmMoE}
+MLP_CLASSES = {"shared": UnimmMLP, "modality": UnimmModalityMLP, "moe": UnimmMoE, "mot": UnimmModalityMLP}
 
 
 class UnimmDecoderLayer(nn.Module):
@@ -210,9 +234,91 @@ class UnimmDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP_CLASSES[config.ffn_kind](config)
 
-    def forward(self, h_BLD, modality_BL, cos, sin, mask, past_key_values) -> torch.Tensor:
-        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos, sin, mask, past_key_values)
+    def forward(self, h_BLD, modality_BL, cos, sin, mask_for_keys, cache, cache_position) -> torch.Tensor:
+        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos, sin, mask_for_keys, cache, cache_position)
         return h_BLD + self.mlp(self.post_attention_layernorm(h_BLD), modality_BL)
+
+
+# -- Mixture of Transformers (ffn_kind "mot") ---------------------------------------------------
+# Every weight of a block is a stack of two, row 0 for text positions and row 1 for visual ones:
+# norms [2, D], attention projections [2, in, out] (``x @ w[m]``, like the experts), the FFN the
+# modality MLP's; the queries, keys and values of all positions meet in one attention.
+
+
+class UnimmModalityRMSNorm(nn.Module):
+    """RMSNorm with one scale per modality: weight [2, D]."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(2, dim))
+
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x_BLD, (x_BLD.shape[-1],), eps=self.eps) * self.weight[modality_BL]
+
+
+class UnimmModalityLinear(nn.Module):
+    """``x @ weight[m]`` at the positions of modality m: weight [2, in, out]."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(2, in_features, out_features))
+
+    def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        out = x_BLD.new_zeros(*x_BLD.shape[:-1], self.weight.shape[-1])
+        for m in (TEXT, VISION):
+            rows = modality_BL == m
+            out[rows] = x_BLD[rows] @ self.weight[m]
+        return out
+
+
+class UnimmMoTAttention(nn.Module):
+    """UnimmAttention with each position's q, k, v and o projections its modality's."""
+
+    def __init__(self, config: UnimmConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        dim = config.hidden_size
+        self.q_proj = UnimmModalityLinear(dim, self.n_heads * self.head_dim)
+        self.k_proj = UnimmModalityLinear(dim, self.n_kv_heads * self.head_dim)
+        self.v_proj = UnimmModalityLinear(dim, self.n_kv_heads * self.head_dim)
+        self.o_proj = UnimmModalityLinear(self.n_heads * self.head_dim, dim)
+
+    def forward(self, x_BLD, modality_BL, cos, sin, mask_for_keys, cache: Cache | None, cache_position) -> torch.Tensor:
+        # The attention and its cache exactly as UnimmAttention.forward; only the projections differ.
+        B, L, _ = x_BLD.shape
+        q = self.q_proj(x_BLD, modality_BL).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BLD, modality_BL).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BLD, modality_BL).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        out_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_for_keys(k.shape[-2]), enable_gqa=True)
+        return self.o_proj(out_BHLK.transpose(1, 2).reshape(B, L, -1), modality_BL)
+
+
+class UnimmMoTDecoderLayer(nn.Module):
+    """UnimmDecoderLayer with per-modality norms, attention projections and FFN."""
+
+    def __init__(self, config: UnimmConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = UnimmModalityRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = UnimmMoTAttention(config, layer_idx)
+        self.post_attention_layernorm = UnimmModalityRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP_CLASSES[config.ffn_kind](config)
+
+    def forward(self, h_BLD, modality_BL, cos, sin, mask_for_keys, cache, cache_position) -> torch.Tensor:
+        attn_BLD = self.self_attn(
+            self.input_layernorm(h_BLD, modality_BL), modality_BL, cos, sin, mask_for_keys, cache, cache_position
+        )
+        h_BLD = h_BLD + attn_BLD
+        return h_BLD + self.mlp(self.post_attention_layernorm(h_BLD, modality_BL), modality_BL)
+
+
+DECODER_LAYER_CLASSES = {"mot": UnimmMoTDecoderLayer}
+"""Decoder layers other than UnimmDecoderLayer, by ffn_kind."""
 
 
 class UnimmTimestepEmbedding(nn.Module):
@@ -238,13 +344,13 @@ class UnimmTimestepEmbedding(nn.Module):
 class UnimmPreTrainedModel(PreTrainedModel):
     config_class = UnimmConfig
     base_model_prefix = "model"
-    _no_split_modules = ["UnimmDecoderLayer"]
+    _no_split_modules = ["UnimmDecoderLayer", "UnimmMoTDecoderLayer"]
     _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, UnimmExperts):
+        if isinstance(module, (UnimmExperts, UnimmModalityLinear)):
             for weight in module.parameters(recurse=False):
                 nn.init.normal_(weight, std=self.config.initializer_range)
         elif isinstance(module, UnimmRouter):
@@ -259,8 +365,12 @@ class UnimmModel(UnimmPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.latent_proj = nn.Linear(config.latent_dim, config.hidden_size)
         self.time_embedding = UnimmTimestepEmbedding(config.time_freq_dim, config.hidden_size)
-        self.layers = nn.ModuleList(UnimmDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        layer_class = DECODER_LAYER_CLASSES.get(config.ffn_kind, UnimmDecoderLayer)
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
+        if config.ffn_kind == "mot":  # the final norm per modality too
+            self.norm = UnimmModalityRMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
     def embed(self, input_ids, latents, timesteps, modality) -> torch.Tensor:
@@ -278,40 +388,59 @@ class UnimmModel(UnimmPreTrainedModel):
         modality: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, L]; for mixed rows also latents [B, L, latent_dim], timesteps [B, L]
         (t of each visual position's frame) and modality [B, L] (0 text, 1 vision).
         attention_mask: a [B, L] padding mask (1 = token) for text, or a [B, 1, L, L] boolean
         mask such as ``hybrid_attention_mask(...)`` for mixed rows. position_ids default to
-        0, 1, ... per row (pass per-document positions for packed rows)."""
+        0, 1, ... per row (pass per-document positions for packed rows). The cache is taken
+        as ``cache`` or ``past_key_values`` (see CACHE_NAME)."""
+        cache = either_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, latents, timesteps, modality)
         h_BLD = inputs_embeds
         B, L, _ = h_BLD.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        # int(): a static cache counts its tokens in a tensor.
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
+        limit = self.config.max_position_embeddings
+        if past_len + L > limit:
+            # unimm trains no longer row, and its own model refuses positions past its RoPE table.
+            raise ValueError(
+                f"{past_len + L} positions ({past_len} cached + {L} new) exceed the model's "
+                f"max_seq_len={limit} (max_position_embeddings in config.json); shorten the input "
+                "or max_new_tokens"
+            )
         if modality is None:
             modality = torch.full((B, L), TEXT, dtype=torch.long, device=h_BLD.device)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.bool()
-        else:
-            mask = causal_attention_mask(padding_mask, L, past_len, h_BLD.device)
+        masks = {}
+
+        def mask_for_keys(kv_len: int) -> torch.Tensor:
+            # Built once, when the first layer's cache update says how many keys there are.
+            if kv_len not in masks:
+                if attention_mask is not None and attention_mask.dim() == 4:
+                    masks[kv_len] = attention_mask.bool()
+                else:
+                    masks[kv_len] = causal_attention_mask(padding_mask, L, past_len, kv_len, h_BLD.device)
+            return masks[kv_len]
+
         if position_ids is None:
             position_ids = default_positions(padding_mask, L, past_len, h_BLD.device)
+        cache_position = torch.arange(past_len, past_len + L, device=h_BLD.device)
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = rope_cos_sin(position_ids, head_dim, self.config.rope_theta)
         for layer in self.layers:
-            h_BLD = layer(h_BLD, modality, cos, sin, mask, past_key_values)
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(h_BLD), past_key_values=past_key_values if use_cache else None
-        )
+            h_BLD = layer(h_BLD, modality, cos, sin, mask_for_keys, cache, cache_position)
+        h_BLD = self.norm(h_BLD, modality) if isinstance(self.norm, UnimmModalityRMSNorm) else self.norm(h_BLD)
+        return BaseModelOutputWithPast(last_hidden_state=h_BLD, **{CACHE_NAME: cache if use_cache else None})
 
 
 @dataclass
@@ -339,11 +468,12 @@ class UnimmForCausalLM(UnimmPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Text next-token logits [B, L, V] (the last ``logits_to_keep`` positions if > 0)."""
@@ -351,7 +481,7 @@ class UnimmForCausalLM(UnimmPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=either_cache(cache, past_key_values),
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
         )
@@ -360,7 +490,13 @@ class UnimmForCausalLM(UnimmPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)})
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() calls this to build a 4D mask in advance for a static cache; its own would
+        follow config._attn_implementation (an additive float mask for eager, a BlockMask for
+        flex). forward builds the boolean one it needs from the [B, L] padding mask instead."""
+        return attention_mask
 
     def forward_flow(
         self,

@@ -9,7 +9,8 @@ count, never in how):
   biases are O(d) per position against O(d^2) for the matmuls and are left out;
 - every position runs each layer's attention projections and the *active* FFN weights: all
   of them minus the FFN's ``inactive_params()`` (the other modality's FFN, the experts a MoE
-  token is not routed to; a router is a matmul every token runs);
+  token is not routed to; a router is a matmul every token runs); in a Mixture of
+  Transformers, its own modality's attention projections too;
 - the LM head runs at positions with a next-token target, the latent projection and timestep
   MLP at visual positions, the flow head at noised visual positions. (The model computes the
   visual input projection at every position and then selects; that waste is not counted);
@@ -33,7 +34,7 @@ import torch.nn as nn
 
 from unimm.data.batch import IGNORE_INDEX, VISION
 from unimm.masks import build_attention_mask
-from unimm.model.params import count_params
+from unimm.model.params import count_params, inactive_params
 
 FLOPS_PER_WEIGHT = 6  # 2 forward + 4 backward per weight and position
 ATTENTION_FLOPS_PER_WIDTH = 12  # (q.k + p.v) x 2 FLOPs x 3 (forward + backward), per query width
@@ -123,9 +124,11 @@ def model_flops(model: nn.Module) -> ModelFlops:
     backbone = attention_pair = 0
     for layer in model.layers.values():
         ffn = layer.feed_forward
-        ffn_active = _matmul_weights(ffn) - ffn.inactive_params()
-        backbone += FLOPS_PER_WEIGHT * (_matmul_weights(layer.attention) + ffn_active)
-        query_width = layer.attention.wq.weight.shape[0]  # n_heads * head_dim
+        ffn_active = _matmul_weights(ffn) - inactive_params(ffn)
+        # a MoT token runs its own modality's projections only
+        attention_active = _matmul_weights(layer.attention) - inactive_params(layer.attention)
+        backbone += FLOPS_PER_WEIGHT * (attention_active + ffn_active)
+        query_width = model.config.dim // model.config.n_heads * model.config.n_heads  # n_heads * head_dim
         attention_pair += ATTENTION_FLOPS_PER_WIDTH * query_width
     return ModelFlops(
         backbone=backbone,

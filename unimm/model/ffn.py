@@ -7,6 +7,8 @@
   only (paper §2.2, App. C). It is the expert engine with two experts and routing fixed by
   modality, so it shares the MoE's grouped GEMM.
 - ``moe``: fine-grained mixture of experts (``unimm.model.moe``).
+- ``mot``: Mixture of Transformers (``unimm.model.mot``): the modality FFN, and per-modality
+  attention projections and norms too; the whole block is built there, not here.
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ import torch
 import torch.nn.functional as F
 from torchtitan.protocols.module import Module
 
-from unimm.model.experts import ExpertWeights, expert_backend
+from unimm.model.experts import ExpertWeights, ModalityRouting
 from unimm.model.init import linear_init
-from unimm.model.moe import MoE, MoEConfig, run_experts
+from unimm.model.moe import MoE, MoEConfig
 
 
 @dataclass(kw_only=True, slots=True)
 class FFNConfig:
-    kind: Literal["shared", "modality", "moe"] = "shared"
+    kind: Literal["shared", "modality", "moe", "mot"] = "shared"
     hidden_dim: int = 8192
     """Width of the dense and modality FFNs (MoE experts use ``moe.expert_hidden_dim``)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     backend: Literal["auto", "triton", "torch_grouped_mm", "loop"] = "auto"
-    """Grouped-GEMM backend of the modality FFN (the MoE has its own, ``moe.backend``)."""
+    """Grouped-GEMM backend of the modality FFN and the MoT projections (the MoE has its own,
+    ``moe.backend``)."""
 
 
 class SwiGLU(Module):
@@ -66,12 +69,12 @@ class ModalityFFN(Module):
         self.experts = ExpertWeights(2, dim, config.hidden_dim, out_std)
 
     def forward(self, x_BLD: torch.Tensor, modality_BL: torch.Tensor, valid_BL=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(x_BLD, ModalityRouting.of(modality_BL)), x_BLD.new_zeros(())
+
+    def run(self, x_BLD: torch.Tensor, routing: ModalityRouting) -> torch.Tensor:
+        """The FFN with the tokens already grouped by modality (a MoT block groups them once)."""
         B, L, D = x_BLD.shape
-        x_TD = x_BLD.reshape(B * L, D)
-        expert_T1 = modality_BL.reshape(B * L, 1)
-        weight_T1 = torch.ones(B * L, 1, dtype=x_TD.dtype, device=x_TD.device)
-        out_TD = run_experts(self.experts, x_TD, expert_T1, weight_T1, expert_backend(self.backend, x_TD))
-        return out_TD.reshape(B, L, D), x_BLD.new_zeros(())
+        return routing.swiglu(self.experts, x_BLD.reshape(B * L, D), self.backend).reshape(B, L, D)
 
     def inactive_params(self) -> int:
         return self.experts.params_per_expert()

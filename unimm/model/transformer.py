@@ -25,6 +25,7 @@ from unimm.masks import AttentionMask, MaskBackend
 from unimm.model.attention import Attention
 from unimm.model.ffn import FFNConfig, build_ffn
 from unimm.model.init import depth_scaled_std, linear_init, rms_norm
+from unimm.model.mot import ModalityRMSNorm, MoTBlock
 
 
 class TimestepEmbedding(Module):
@@ -91,6 +92,10 @@ class UnimmModel(BaseModel):
         """Longest packed row the model holds (the RoPE table is built to this length)."""
         latent_dim: int = 1152
         """Width of one visual latent patch from the frozen encoder (SigLIP 2 So400m: 1152)."""
+        understanding_dim: int = 0
+        """Dual encoder (paper §6.3, as in Janus and Bagel): width of the understanding encoder's
+        latents (SigLIP 2 So400m: 1152, beside SD-VAE's 16 as ``latent_dim``), read through a
+        second input projection ``understanding_proj`` at understanding (I->T) frames; 0: one encoder."""
         time_freq_dim: int = 256
         attn_backend: Literal["auto", "flex", "sdpa"] = "auto"
         """``auto``: FlexAttention on CUDA, dense mask + SDPA elsewhere (no flex backward on CPU)."""
@@ -129,14 +134,17 @@ class UnimmModel(BaseModel):
             param_init={"weight": nn.init.normal_},
         ).build()
         self.latent_proj = linear_init(config.latent_dim, config.dim, std=0.02, bias=True)
+        if config.understanding_dim:  # dual encoder: understanding frames come in through their own projection
+            self.understanding_proj = linear_init(config.understanding_dim, config.dim, std=0.02, bias=True)
         self.time_embedding = TimestepEmbedding(config.time_freq_dim, config.dim)
         self.rope = ComplexRoPE.Config(
             dim=config.dim // config.n_heads, max_seq_len=config.max_seq_len, theta=config.rope_theta
         ).build()
-        self.layers = ModuleDict(
-            {str(i): TransformerBlock(i, config) for i in range(config.n_layers)}
-        )
-        self.norm = rms_norm(config.dim, config.norm_eps)
+        # ffn.kind "mot": Mixture of Transformers, every block and the final norm per modality
+        mot = config.ffn.kind == "mot"
+        block = MoTBlock if mot else TransformerBlock
+        self.layers = ModuleDict({str(i): block(i, config) for i in range(config.n_layers)})
+        self.norm = ModalityRMSNorm(config.dim, config.norm_eps) if mot else rms_norm(config.dim, config.norm_eps)
         self.lm_head = linear_init(config.dim, config.vocab_size, std=config.dim**-0.5)
         # Zero-initialised like a DiT's final layer: training starts from predicting zero.
         self.flow_head = linear_init(config.dim, config.latent_dim, std=0.0, bias=True)
@@ -144,24 +152,37 @@ class UnimmModel(BaseModel):
     # torchtitan's FSDP helper groups these two with the final norm when weights are tied.
     enable_weight_tying = False
 
-    def embed(self, tokens_BL, latents_BLC, t_BL, modality_BL) -> torch.Tensor:
+    def embed(
+        self, tokens_BL, latents_BLC, t_BL, modality_BL, understanding_BL=None, understanding_latents_BLC=None
+    ) -> torch.Tensor:
+        """Text: token embedding; visual: ``latent_proj`` of the (noisy) latent plus its time
+        embedding. Dual encoder: at ``understanding_BL`` positions instead ``understanding_proj``
+        of ``understanding_latents_BLC`` alone (clean frames off the flow path: no time)."""
         text_BLD = self.tok_embeddings(tokens_BL)
         vision_BLD = self.latent_proj(latents_BLC.to(text_BLD.dtype)) + self.time_embedding(t_BL)
-        return torch.where((modality_BL == VISION)[..., None], vision_BLD, text_BLD)
+        h_BLD = torch.where((modality_BL == VISION)[..., None], vision_BLD, text_BLD)
+        if understanding_BL is None:
+            return h_BLD
+        if not self.config.understanding_dim:
+            raise ConfigError("understanding latents given to a model without understanding_proj (understanding_dim 0)")
+        understanding_BLD = self.understanding_proj(understanding_latents_BLC.to(text_BLD.dtype))
+        return torch.where(understanding_BL[..., None], understanding_BLD, h_BLD)
 
     def hidden_states(
-        self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask, kv_caches=None, valid_BL=None
+        self, tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, mask, kv_caches=None, valid_BL=None,
+        understanding_BL=None, understanding_latents_BLC=None,
     ):
         """Final normed hidden states [B, L, D] and the per-layer balance losses [n_layers].
         ``kv_caches``: one ``LayerKVCache`` per layer when generating incrementally;
         ``valid_BL``: False at padding (``unimm.data.batch.padding_mask``), None: no padding."""
-        h_BLD = self.embed(tokens_BL, latents_BLC, t_BL, modality_BL)
+        h_BLD = self.embed(tokens_BL, latents_BLC, t_BL, modality_BL, understanding_BL, understanding_latents_BLC)
         balance = []
         for i, layer in enumerate(self.layers.values()):
             kv_cache = None if kv_caches is None else kv_caches[i]
             h_BLD, layer_balance = layer(h_BLD, modality_BL, self.rope, positions_BL, mask, kv_cache, valid_BL)
             balance.append(layer_balance)
-        return self.norm(h_BLD), torch.stack(balance)
+        h_BLD = self.norm(h_BLD, modality_BL) if isinstance(self.norm, ModalityRMSNorm) else self.norm(h_BLD)
+        return h_BLD, torch.stack(balance)
 
     def forward(
         self,
@@ -174,12 +195,16 @@ class UnimmModel(BaseModel):
         lm_positions_BL: torch.Tensor,
         flow_positions_BL: torch.Tensor,
         valid_BL: torch.Tensor | None = None,
+        understanding: torch.Tensor | None = None,
+        understanding_latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return LM logits at ``lm_positions`` [N_text, V], flow predictions at
         ``flow_positions`` [N_vis, C] (heads run only where a loss or a sample needs them),
         and each layer's router balance loss [n_layers] (zeros for unrouted FFNs), taken
-        over the ``valid_BL`` positions (False at padding; None: all)."""
+        over the ``valid_BL`` positions (False at padding; None: all). Dual encoder: the batch's
+        ``understanding`` [B, L] and ``understanding_latents`` [B, L, C_u] (unimm.data.batch)."""
         h_BLD, balance = self.hidden_states(
-            tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask, valid_BL=valid_BL
+            tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask, valid_BL=valid_BL,
+            understanding_BL=understanding, understanding_latents_BLC=understanding_latents,
         )
         return self.lm_head(h_BLD[lm_positions_BL]), self.flow_head(h_BLD[flow_positions_BL]), balance

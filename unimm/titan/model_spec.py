@@ -57,6 +57,11 @@ def _paper_moe(granularity: int, num_experts: int, shared: str = "none") -> Unim
     )
 
 
+def _dual(model: UnimmModel.Config, *, latent_dim: int, understanding_dim: int) -> UnimmModel.Config:
+    model.latent_dim, model.understanding_dim = latent_dim, understanding_dim
+    return model
+
+
 FLAVORS: dict[str, Callable[[], UnimmModel.Config]] = {
     "debug": lambda: _debug("shared"),
     "debug_modality": lambda: _debug("modality"),
@@ -72,6 +77,17 @@ FLAVORS: dict[str, Callable[[], UnimmModel.Config]] = {
     # Shared-expert variants at E = 256 (Table 2).
     "moe_e256_shared_global": lambda: _paper_moe(16, 256, "global"),
     "moe_e256_shared_per_modality": lambda: _paper_moe(16, 256, "per_modality"),
+    # Mixture of Transformers (§6.3's deep separation): per-modality attention projections,
+    # norms and FFNs, one global attention; the dense backbone doubled, 2.47B total / 1.50B active.
+    "mot_2b5": lambda: _paper_backbone("mot"),
+    "debug_mot": lambda: _debug("mot"),
+    # Dual encoder (§6.3's baseline, as in Janus and Bagel), on modality FFNs as in the paper's
+    # comparison: SD-VAE latents (4 channels folded 2x2: 16 wide) in and out of the flow,
+    # SigLIP 2 So400m features (1152 wide) in through understanding_proj at I->T images.
+    "dual_encoder_2b3": lambda: _dual(_paper_backbone("modality"), latent_dim=16, understanding_dim=1152),
+    # CPU stand-in: raw-pixel 8x8 patches of 32 px images (192 wide) to generate, 4x4 patches
+    # of the same images at 16 px (48 wide, also 16 tokens) to understand.
+    "debug_dual_encoder": lambda: _dual(_debug("modality"), latent_dim=192, understanding_dim=48),
 }
 
 

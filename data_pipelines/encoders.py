@@ -12,6 +12,11 @@
 Every encoder takes uint8 [B, S, S, 3] images at its `image_size` and returns float32
 [B, tokens_per_frame, latent_dim]; raw pixels and VAEs also `decode`. `EncoderSpec` is what a
 job records in its manifest and what worker processes rebuild the encoder from.
+
+A dual-encoder image-text job (paper §6.3's baseline) takes a second spec, the understanding
+encoder (``--understanding-encoder``, ``add_understanding_encoder_arguments``): SigLIP 2 at 224 px
+and SD-VAE folded at 256 px both give 256 tokens, but the two may differ in tokens per frame
+too (each frame is laid out with the tokens of the encoder it is fed with).
 """
 
 from __future__ import annotations
@@ -143,6 +148,35 @@ def add_encoder_arguments(parser) -> None:
     parser.add_argument("--patch", type=int, default=14, help="raw_pixels patch side")
     parser.add_argument("--device", default="cpu", help="encoder device (cuda, cuda:1, ...)")
     parser.add_argument("--batch-size", type=int, default=32, help="frames per encoder call")
+
+
+def add_understanding_encoder_arguments(parser) -> None:
+    """The second encoder of a dual-encoder source (paper §6.3, as in Janus and Bagel): image-text
+    jobs write its latents beside the --encoder's, for the images the model reads to understand
+    (I->T) while the --encoder's latents stay those it generates (T->I)."""
+    parser.add_argument(
+        "--understanding-encoder", default="", choices=("", *NAMES),
+        help="also write this encoder's latents (dual encoder: e.g. siglip2 beside --encoder sd_vae); empty: one encoder",
+    )
+    parser.add_argument("--understanding-encoder-path", default="", help="its local weights folder")
+    parser.add_argument("--understanding-image-size", type=int, default=0, help="its input size; 0: its default")
+    parser.add_argument("--understanding-patch", type=int, default=14, help="raw_pixels understanding encoder: patch side")
+
+
+def understanding_spec(args) -> EncoderSpec | None:
+    """The understanding encoder of ``add_understanding_encoder_arguments``; None without one."""
+    if not args.understanding_encoder:
+        if args.understanding_encoder_path:
+            raise ConfigError("--understanding-encoder-path needs --understanding-encoder NAME")
+        return None
+    if args.understanding_encoder != "raw_pixels" and not args.understanding_encoder_path:
+        raise ConfigError(
+            f"understanding encoder {args.understanding_encoder!r} needs the path of its local weights "
+            "(--understanding-encoder-path)"
+        )
+    return EncoderSpec(
+        args.understanding_encoder, args.understanding_encoder_path, args.understanding_image_size, args.understanding_patch
+    )
 
 
 def encoding_options(args) -> dict:

@@ -14,6 +14,17 @@ encoder's input. Undecodable images and empty captions are skipped, counted and 
 t2i (generation: the caption conditions the image), or both. The paper uses MetaCLIP for i2t
 and Shutterstock for t2i (§4.2); every sample carries its source's directions and the loader
 lays it out accordingly.
+
+Dual encoder (paper §6.3's baseline, as in Janus and Bagel): --understanding-encoder NAME
+(with --understanding-encoder-path, --understanding-image-size) writes that encoder's latents
+beside --encoder's for every image, each from the image fitted to its own encoder's input:
+
+    python -m unimm.data_pipelines.image_text --out shards/cc --source cc --directions i2t,t2i \
+        --encoder sd_vae --encoder-path weights/sd-vae \
+        --understanding-encoder siglip2 --understanding-encoder-path weights/siglip2 ... pairs/
+
+The loader feeds an image the model reads (I->T) with the understanding latents, an image it
+generates (T->I) with the --encoder's; the manifest records both encoders.
 """
 
 from __future__ import annotations
@@ -28,7 +39,13 @@ from typing import Any
 
 import webdataset as wds
 
-from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoding_options
+from unimm.data_pipelines.encoders import (
+    EncoderSpec,
+    add_encoder_arguments,
+    add_understanding_encoder_arguments,
+    encoding_options,
+    understanding_spec,
+)
 from unimm.data_pipelines.images import IMAGE_SUFFIXES, UndecodableImage, decode_image, fit_square
 from unimm.data_pipelines.records import count_records, read_records
 from unimm.data_pipelines.shard_job import Job, Record, ShardTask, Skip, add_job_arguments, chunked, cli, run_job
@@ -36,17 +53,22 @@ from unimm.errors import ConfigError
 from unimm.tokenizer import Tokenizer
 
 
-def _pair(key: str, image: bytes | None, caption: Any, meta: dict, image_size: int) -> Record | Skip:
+def _pair(
+    key: str, image: bytes | None, caption: Any, meta: dict, image_size: int, understanding_size: int = 0
+) -> Record | Skip:
     caption = caption.strip() if isinstance(caption, str) else ""
     if not caption:
         return Skip(key, "empty caption")
     if not image:
         return Skip(key, "missing image")
     try:
-        pixels = fit_square(decode_image(image), image_size)
+        decoded = decode_image(image)
     except UndecodableImage as exc:
         return Skip(key, str(exc))
-    return Record(key, {**meta, "caption": caption}, caption, pixels[None])
+    pixels = fit_square(decoded, image_size)
+    # dual encoder: the understanding encoder's input from the original image, not a resized crop
+    understanding = fit_square(decoded, understanding_size)[None] if understanding_size else None
+    return Record(key, {**meta, "caption": caption}, caption, pixels[None], understanding)
 
 
 def _folder_pairs(path: str) -> Iterator[tuple[str, bytes, Any, dict]]:
@@ -92,7 +114,9 @@ def _parquet_pairs(path: str, start: int, stop: int, caption_field: str, image_c
         yield key, image, caption, {"file": path, "index": index}
 
 
-def pairs(item: tuple, *, image_size: int, caption_field: str, image_column: str) -> Iterator[Record | Skip]:
+def pairs(
+    item: tuple, *, image_size: int, caption_field: str, image_column: str, understanding_size: int = 0
+) -> Iterator[Record | Skip]:
     kind, path = item[0], item[1]
     if kind == "image":
         found = _folder_pairs(path)
@@ -101,7 +125,7 @@ def pairs(item: tuple, *, image_size: int, caption_field: str, image_column: str
     else:
         found = _parquet_pairs(path, item[2], item[3], caption_field, image_column)
     for found_pair in found:
-        yield found_pair if isinstance(found_pair, Skip) else _pair(*found_pair, image_size)
+        yield found_pair if isinstance(found_pair, Skip) else _pair(*found_pair, image_size, understanding_size)
 
 
 def plan(inputs: list[Path], per_shard: int) -> list[ShardTask]:
@@ -139,10 +163,13 @@ def image_text_job(
     device: str = "cpu",
     batch_size: int = 32,
     progress: bool = True,
+    understanding_encoder: EncoderSpec | None = None,
 ) -> Path:
+    """``understanding_encoder``: also write its latents (dual encoder; module docs)."""
     tasks = plan(inputs, per_shard)
     producer = functools.partial(
-        pairs, image_size=encoder.resolved_image_size, caption_field=caption_field, image_column=image_column
+        pairs, image_size=encoder.resolved_image_size, caption_field=caption_field, image_column=image_column,
+        **({"understanding_size": understanding_encoder.resolved_image_size} if understanding_encoder else {}),
     )
     job = Job(
         source=source,
@@ -159,6 +186,7 @@ def image_text_job(
         },
         device=device,
         batch_size=batch_size,
+        understanding_encoder=understanding_encoder,
     )
     return run_job(out, job, tasks, workers=workers, progress=progress)
 
@@ -167,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(parser, per_shard=1000)
     add_encoder_arguments(parser)
+    add_understanding_encoder_arguments(parser)
     parser.add_argument("--directions", default="i2t,t2i", help="i2t, t2i or i2t,t2i (checked by the job)")
     parser.add_argument("--caption-field", default="caption", help="caption key in json members / Parquet")
     parser.add_argument("--image-column", default="image", help="Parquet column with the image bytes")
@@ -181,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         caption_field=args.caption_field,
         image_column=args.image_column,
         per_shard=args.per_shard,
+        understanding_encoder=understanding_spec(args),
     )
     print(f"wrote {manifest}")
 

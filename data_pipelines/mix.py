@@ -8,6 +8,11 @@ folders and the whole tree can be moved as one. The parts must agree on the toke
 hold token ids) and, where they hold latents, on the encoder and the latent shape; the
 normalisation statistics are pooled over all visual sources from their exact sums. The
 loader's `source_weights` then name the sources (e.g. dclm, video, metaclip, sstk, nwm).
+
+Dual-encoder parts (image-text folders written with an understanding encoder) must agree on
+that encoder too; the mixture's ``understanding`` entry pools their statistics, and each
+source's ``source_info`` says whether it has understanding latents (``understanding_encoder``).
+Parts without them (text, video, action, single-encoder image-text) mix in unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ def mix_manifests(out: str | Path, folders: list[str | Path]) -> Path:
     encoder = _agree(visual, "encoder", "encoder")
     latent_dim = _agree(visual, "latent_dim", "latent width")
     tokens_per_frame = _agree(visual, "tokens_per_frame", "tokens per frame")
+    dual = [(f, m["understanding"]) for f, m in parts if m.get("understanding")]
+    understanding = None
+    if dual:
+        agreed = {key: _agree([(f, u) for f, u in dual], key, f"understanding {what}")
+                  for key, what in (("encoder", "encoder"), ("latent_dim", "latent width"),
+                                    ("tokens_per_frame", "tokens per frame"))}
+        pooled = [ChannelStats.from_json(u["normalization"]) for _, u in dual if u["normalization"] is not None]
+        total = pooled[0] if pooled else None
+        for part in pooled[1:]:
+            total = total.merge(part)
+        understanding = {**agreed, "normalization": None if total is None else total.to_json()}
     sources: dict[str, list[str]] = {}
     source_info: dict[str, Any] = {}
     stats: ChannelStats | None = None
@@ -80,6 +96,7 @@ def mix_manifests(out: str | Path, folders: list[str | Path]) -> Path:
             "normalization": None if stats is None else stats.to_json(),
             "sources": sources,
             "source_info": source_info,
+            **({"understanding": understanding} if understanding else {}),
         },
     )
     return path

@@ -9,6 +9,8 @@ Workers tokenise the text, encode the frames in batches, and write::
     {source}-{i:06d}.tar          {key}.json         kind, ground truth, provenance, num_tokens
                                   {key}.tokens.npy   uint32 ids of the sample's text field
                                   {key}.latents.npy  float16 [F, N, C] (visual kinds)
+                                  {key}.understanding_latents.npy  float16 [F, N_u, C_u]
+                                                     (image_text with an understanding encoder)
     {source}-{i:06d}.stats.json   samples, skipped, tokens per modality, latent channel sums
     job.json                      what this folder is being written from
     manifest.json                 see `write_manifest`; written when every task is done
@@ -18,6 +20,14 @@ Safe re-runs: each tar is written under a temporary name and renamed, then its s
 with the same job.json skips tasks that have a stats file. Once a task is done, a run with
 different settings, inputs, encoder or tokenizer refuses to touch the folder; while none is
 (a job that failed before finishing a shard), a run with corrected settings takes it over.
+
+Dual encoder (paper §6.3, as in Janus and Bagel): an image_text job given an
+``understanding_encoder`` encodes every image with both encoders: ``latents.npy`` holds the
+generation encoder's (e.g. SD-VAE; the flow head predicts these), ``understanding_latents.npy``
+the understanding encoder's (e.g. SigLIP 2; what the model reads for I->T). The two may
+differ in width, tokens per frame and input size: a producer may give the frames at the
+understanding encoder's size (``Record.understanding_frames``), else they are resized from
+the generation frames. The manifest records both (``write_manifest``).
 
 Latents are stored as float16 (half the disk of float32; the semantic encoders' features and
 VAE latents are far inside its range, and non-finite values are rejected when written).
@@ -45,6 +55,7 @@ from unimm.data.doc_lengths import DocumentLengths, document_length
 from unimm.data.latent_stats import ChannelStats
 from unimm.data.shards import DIRECTIONS, KINDS, MANIFEST_FORMAT, TEXT_REQUIRED
 from unimm.data_pipelines.encoders import Encoder, EncoderSpec, load_encoder
+from unimm.data_pipelines.images import fit_square
 from unimm.errors import ConfigError
 from unimm.tokenizer import Tokenizer
 
@@ -59,6 +70,8 @@ class Record:
     meta: dict[str, Any]  # json fields: ground truth, provenance (kind is added by the engine)
     text: str  # the one text field the loader's document uses
     frames: np.ndarray | None = None  # uint8 [F, S, S, 3] at the encoder's image size
+    understanding_frames: np.ndarray | None = None
+    """uint8 [F, S_u, S_u, 3] at the understanding encoder's size (dual encoder); None: resized from `frames`."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +108,15 @@ class Job:
 
     device: str = "cpu"
     batch_size: int = 32  # frames per encoder call
+    understanding_encoder: EncoderSpec | None = None
+    """image_text only: a second encoder whose latents are written beside the encoder's
+    (dual encoder: understanding latents for I->T, the encoder's for T->I)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown kind {self.kind!r}; known: {KINDS}")
+        if self.understanding_encoder is not None and self.kind != "image_text":
+            raise ConfigError(f"kind {self.kind!r}: an understanding encoder is only for image_text sources")
         if (self.kind == "text") != (self.encoder is None):
             raise ConfigError(f"kind {self.kind!r}: an encoder is needed exactly for visual kinds")
         if self.kind == "image_text" and (not self.directions or set(self.directions) - set(DIRECTIONS)):
@@ -121,12 +139,18 @@ class ShardStats:
     latents: ChannelStats | None = None
     lengths: DocumentLengths | None = field(default_factory=DocumentLengths)
     """Document lengths (None in stats written before they were counted)."""
+    understanding_shape: list[int] | None = None  # [N_u, C_u] of the understanding latents (dual encoder)
+    understanding: ChannelStats | None = None
 
-    def add(self, ids: np.ndarray, latents: np.ndarray | None, key: str = "") -> None:
+    def add(
+        self, ids: np.ndarray, latents: np.ndarray | None, key: str = "", understanding: np.ndarray | None = None
+    ) -> None:
         self.samples += 1
         self.text_tokens += len(ids)
         if self.lengths is not None:
             frames, per_frame = latents.shape[:2] if latents is not None else (0, 0)
+            if understanding is not None:  # a frame is laid out with either encoder's tokens
+                per_frame = max(per_frame, understanding.shape[1])
             self.lengths.add(document_length(len(ids), frames, per_frame), key)
         if latents is not None:
             self.vision_tokens += latents.shape[0] * latents.shape[1]
@@ -134,18 +158,26 @@ class ShardStats:
             if self.latents is None:
                 self.latents = ChannelStats.empty(latents.shape[-1])
             self.latents.update(latents)
+        if understanding is not None:
+            self.understanding_shape = list(understanding.shape[1:])
+            if self.understanding is None:
+                self.understanding = ChannelStats.empty(understanding.shape[-1])
+            self.understanding.update(understanding)
 
     def merge(self, other: ShardStats) -> ShardStats:
-        stats = [s for s in (self.latents, other.latents) if s is not None]
-        merged = stats[0].merge(stats[1]) if len(stats) == 2 else (stats[0] if stats else None)
+        def pooled(a: ChannelStats | None, b: ChannelStats | None) -> ChannelStats | None:
+            return a.merge(b) if a is not None and b is not None else (a if a is not None else b)
+
         return ShardStats(
             self.samples + other.samples,
             self.skipped + other.skipped,
             self.text_tokens + other.text_tokens,
             self.vision_tokens + other.vision_tokens,
             self.latent_shape or other.latent_shape,
-            merged,
+            pooled(self.latents, other.latents),
             None if self.lengths is None or other.lengths is None else self.lengths.merge(other.lengths),
+            self.understanding_shape or other.understanding_shape,
+            pooled(self.understanding, other.understanding),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -158,6 +190,9 @@ class ShardStats:
         }
         if self.lengths is not None:
             data["document_lengths"] = self.lengths.to_json()
+        if self.understanding is not None:
+            data["understanding_shape"] = self.understanding_shape
+            data["understanding_latents"] = self.understanding.to_json()
         return data
 
     @classmethod
@@ -165,7 +200,11 @@ class ShardStats:
         latents = None if data["latents"] is None else ChannelStats.from_json(data["latents"])
         tokens = data["tokens"]
         lengths = DocumentLengths.from_json(data.get("document_lengths"))
-        return cls(data["samples"], data["skipped"], tokens["text"], tokens["vision"], data["latent_shape"], latents, lengths)
+        understanding = data.get("understanding_latents")
+        return cls(
+            data["samples"], data["skipped"], tokens["text"], tokens["vision"], data["latent_shape"], latents, lengths,
+            data.get("understanding_shape"), None if understanding is None else ChannelStats.from_json(understanding),
+        )
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -185,6 +224,9 @@ class _Worker:
         self.job, self.out = job, out
         self.tokenizer = Tokenizer(job.tokenizer)
         self.encoder: Encoder | None = load_encoder(job.encoder, job.device) if job.encoder else None
+        self.understanding: Encoder | None = (
+            load_encoder(job.understanding_encoder, job.device) if job.understanding_encoder else None
+        )
 
     def run(self, task: ShardTask) -> ShardStats:
         name = shard_name(self.job.source, task.index)
@@ -192,8 +234,10 @@ class _Worker:
         tar, tmp = self.out / f"{name}.tar", self.out / f".{name}.tar.tmp-{os.getpid()}"
         with wds.TarWriter(str(tmp)) as sink:
             for chunk in self._batches(self._tokenised(task, stats)):
-                for (record, ids), latents in zip(chunk, self._encode([r for r, _ in chunk])):
-                    self._write(sink, record, ids, latents, stats)
+                records = [r for r, _ in chunk]
+                encoded = zip(chunk, self._encode(records), self._encode_understanding(records))
+                for (record, ids), latents, understanding in encoded:
+                    self._write(sink, record, ids, latents, stats, understanding)
         if stats.samples:
             os.replace(tmp, tar)
         else:  # nothing usable in these inputs: no shard, but the stats still mark the task done
@@ -252,9 +296,38 @@ class _Worker:
         bounds = np.cumsum([0] + [len(r.frames) for r in records])
         return [latents[a:b].astype(LATENT_DTYPE) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _write(self, sink, record: Record, ids: np.ndarray, latents: np.ndarray | None, stats: ShardStats) -> None:
+    def _encode_understanding(self, records: list[Record]) -> list[np.ndarray | None]:
+        """The understanding encoder's latents of each record's frames (dual encoder), from
+        its `understanding_frames` or, without them, its frames resized to that encoder's input."""
+        if self.understanding is None:
+            return [None] * len(records)
+        size = self.understanding.image_size
+        pixels = []
+        for r in records:
+            frames = r.understanding_frames
+            if frames is None:
+                frames = r.frames if r.frames.shape[1] == size else np.stack([fit_square(f, size) for f in r.frames])
+            if frames.dtype != np.uint8 or frames.shape != (len(r.frames), size, size, 3):
+                raise ValueError(
+                    f"record {r.key}: understanding frames must be uint8 [{len(r.frames)}, {size}, {size}, 3], "
+                    f"got {frames.dtype} {list(frames.shape)}"
+                )
+            pixels.append(frames)
+        pixels = np.concatenate(pixels)
+        batch = self.job.batch_size
+        latents = np.concatenate([self.understanding.encode(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+        bounds = np.cumsum([0] + [len(r.frames) for r in records])
+        return [latents[a:b].astype(LATENT_DTYPE) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _write(
+        self, sink, record: Record, ids: np.ndarray, latents: np.ndarray | None, stats: ShardStats,
+        understanding: np.ndarray | None = None,
+    ) -> None:
         if latents is not None and not np.isfinite(latents).all():
             self._skip(stats, record.key, "non-finite latents")
+            return
+        if understanding is not None and not np.isfinite(understanding).all():
+            self._skip(stats, record.key, "non-finite understanding latents")
             return
         meta = {**record.meta, "kind": self.job.kind, "num_tokens": len(ids)}
         if self.job.kind == "image_text":
@@ -263,8 +336,10 @@ class _Worker:
         sample = {"__key__": record.key.replace(".", "_"), "json": meta, "tokens.npy": ids}
         if latents is not None:
             sample["latents.npy"] = latents
+        if understanding is not None:
+            sample["understanding_latents.npy"] = understanding
         sink.write(sample)
-        stats.add(ids, latents, sample["__key__"])
+        stats.add(ids, latents, sample["__key__"], understanding)
 
 
 _WORKER: _Worker | None = None
@@ -304,6 +379,8 @@ def _identity(job: Job, tasks: list[ShardTask], tokenizer: Tokenizer) -> dict[st
         "settings": job.settings,
         "tasks": digest,
     }
+    if job.understanding_encoder is not None:  # absent otherwise: folders written before it stay valid
+        identity["understanding_encoder"] = job.understanding_encoder.describe()
     return json.loads(json.dumps(identity, default=str))  # the form it has once read back
 
 
@@ -353,6 +430,11 @@ def run_job(out: str | Path, job: Job, tasks: list[ShardTask], *, workers: int =
     out = Path(out).expanduser()
     if job.encoder is not None:
         job.encoder.check_weights()  # a wrong --encoder-path is refused before anything is written
+    if job.understanding_encoder is not None:
+        try:
+            job.understanding_encoder.check_weights()
+        except ConfigError as err:
+            raise ConfigError(f"understanding {str(err).replace('--encoder-path', '--understanding-encoder-path', 1)}") from None
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(job.tokenizer)
     _claim(out, _identity(job, tasks, tokenizer))
@@ -390,7 +472,11 @@ def write_manifest(out: Path, job: Job, tasks: list[ShardTask], tokenizer: Token
                                     tokens {text, vision}, settings,
                                     document_lengths {longest, longest_key, longest_shard,
                                     p50, p99, counts {length: samples}} (doc_lengths.py;
-                                    absent when a shard's stats predate it)}
+                                    absent when a shard's stats predate it),
+                                    understanding_encoder (dual encoder only)}
+    understanding                  dual encoder only (absent otherwise): the understanding
+                                   encoder's encoder, latent_dim, tokens_per_frame and
+                                   normalization, as above for the encoder's (generation) latents
     """
     total, shards = ShardStats(), []
     for task in tasks:
@@ -424,6 +510,15 @@ def write_manifest(out: Path, job: Job, tasks: list[ShardTask], tokenizer: Token
     }
     if total.lengths is not None:
         manifest["source_info"][job.source]["document_lengths"] = total.lengths.to_json()
+    if job.understanding_encoder is not None:
+        shape = total.understanding_shape or (None, None)
+        manifest["understanding"] = {
+            "encoder": job.understanding_encoder.describe(),
+            "latent_dim": shape[1],
+            "tokens_per_frame": shape[0],
+            "normalization": None if total.understanding is None else total.understanding.to_json(),
+        }
+        manifest["source_info"][job.source]["understanding_encoder"] = job.understanding_encoder.name
     path = out / "manifest.json"
     write_json(path, json.loads(json.dumps(manifest, default=str)))
     return path

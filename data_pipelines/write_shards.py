@@ -17,6 +17,12 @@ Sources (the names --count and the loader's source_weights use):
     {set}_generation                 image_text, t2i only: caption [image]
       set: spatialmap, grid, ring (reasoning.py), counting, diagonal, text_rendering (probes.py)
 
+--understanding-encoder NAME (dual encoder, image_text.py) also writes that encoder's latents for
+the image_text sources; e.g. --understanding-encoder raw_pixels --understanding-image-size 16
+--understanding-patch 4 beside --encoder raw_pixels --image-size 32 --patch 8 is a CPU-sized
+stand-in for SigLIP 2 (224 px) beside SD-VAE (256 px): the same 16 tokens per frame, other
+widths (48 and 192), and another input size.
+
 DIR/{source}/ holds each source's shards and manifest (see shard_job.py); DIR/manifest.json
 lists them all. Samples are rendered at the encoder's input size, and sample i of a source is
 a pure function of (seed, i): one seed per split (seed 000 uses 4,500 train / 500 test).
@@ -38,7 +44,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unimm.data_pipelines import navigation, probes, procedural, reasoning
-from unimm.data_pipelines.encoders import EncoderSpec, add_encoder_arguments, encoding_options
+from unimm.data_pipelines.encoders import (
+    EncoderSpec,
+    add_encoder_arguments,
+    add_understanding_encoder_arguments,
+    encoding_options,
+    understanding_spec,
+)
 from unimm.data_pipelines.mix import mix_manifests
 from unimm.data_pipelines.shard_job import Job, Record, ShardTask, cli, run_job
 from unimm.errors import ConfigError
@@ -143,8 +155,10 @@ def write_procedural(
     device: str = "cpu",
     batch_size: int = 32,
     progress: bool = True,
+    understanding_encoder: EncoderSpec | None = None,
 ) -> Path:
-    """Every source with a positive count into out/{source}/, then out/manifest.json."""
+    """Every source with a positive count into out/{source}/, then out/manifest.json.
+    ``understanding_encoder``: also its latents for the image_text sources (dual encoder)."""
     unknown = sorted(set(counts) - set(SOURCES))
     if unknown:
         raise ConfigError(f"unknown procedural sources {unknown}; known: {', '.join(SOURCES)}")
@@ -166,6 +180,7 @@ def write_procedural(
             settings={"procedural": name, "count": count, "seed": seed, **asdict(settings)},
             device=device,
             batch_size=batch_size,
+            understanding_encoder=understanding_encoder if source.kind == "image_text" else None,
         )
         run_job(out / name, job, [ShardTask(i, (r,)) for i, r in enumerate(ranges)], workers=workers, progress=progress)
         folders.append(out / name)
@@ -185,10 +200,17 @@ class ProceduralSettings:
     video_frames: int = 4
     samples_per_shard: int = 1000
     seed: int = 0  # one seed per split (e.g. 0 train, 1 test)
+    understanding_image_size: int = 0
+    understanding_patch: int = 0
+    """Dual encoder: raw-pixel understanding latents of the image_text images at this size
+    and patch (0: none, one encoder)."""
 
 
 def procedural_folder_name(settings: ProceduralSettings, tokenizer: Tokenizer) -> str:
-    key = {"format": CACHE_VERSION, **asdict(settings), "tokenizer": tokenizer.fingerprint}
+    fields = asdict(settings)
+    if not settings.understanding_patch:  # one encoder: the key (and folder) of before dual encoders
+        del fields["understanding_image_size"], fields["understanding_patch"]
+    key = {"format": CACHE_VERSION, **fields, "tokenizer": tokenizer.fingerprint}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return f"procedural-{digest[:12]}"
 
@@ -225,6 +247,10 @@ def ensure_procedural_shards(cache_dir: str | Path, tokenizer: Tokenizer.Config 
             video_frames=resolved.video_frames,
             samples_per_shard=resolved.samples_per_shard,
             progress=False,
+            understanding_encoder=EncoderSpec(
+                "raw_pixels", image_size=resolved.understanding_image_size or resolved.image_size,
+                patch=resolved.understanding_patch,
+            ) if resolved.understanding_patch else None,
         )
         os.rename(tmp, final)
     except OSError as exc:
@@ -254,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     parser.add_argument("--workers", type=int, default=1)
     add_encoder_arguments(parser)
+    add_understanding_encoder_arguments(parser)
     args = parser.parse_args(argv)
     defaults = ProceduralSettings()
     counts = dict(args.count or [("text", defaults.num_texts), ("image_text", defaults.num_images),
@@ -266,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         video_frames=args.video_frames,
         ood=args.ood,
         samples_per_shard=args.per_shard,
+        understanding_encoder=understanding_spec(args),
     )
     print(f"wrote {manifest}")
 

@@ -13,6 +13,11 @@ image is guided against ``<bos> <boi>``, the second frame of a video against
 ``<bos> <boi> f1 <eoi> <boi>``, an NWM target against its four context frames without the
 action. Each context records that skeleton and builds its unconditional twin the first time a
 frame is generated in it, then keeps the twin in step (frames are fed to both).
+
+A dual-encoder model (``understanding_dim`` > 0, paper §6.3) reads an image to caption as the
+understanding encoder's latents through its ``understanding_proj`` (``feed_frame(...,
+understanding=True)``; `image_to_text` does so by default for such a model) and generates
+frames in the generation encoder's latents, as in training.
 """
 
 from __future__ import annotations
@@ -71,9 +76,10 @@ class MixedModalSampler:
     # -- running the model on new positions ----------------------------------------------
 
     @torch.no_grad()
-    def _run(self, ctx: Context, tokens, latents, t, modality: int, commit: bool) -> torch.Tensor:
+    def _run(self, ctx: Context, tokens, latents, t, modality: int, commit: bool, understanding=None) -> torch.Tensor:
         """Hidden states [n, D] of n new positions: a run of text (causal among themselves)
-        or one frame (bidirectional), all seeing the whole cache."""
+        or one frame (bidirectional), all seeing the whole cache. ``understanding``: the
+        understanding latents [n, C_u] of a dual encoder's understanding frame."""
         n = tokens.shape[0]
         new_mask = torch.ones(n, n, dtype=torch.bool, device=self.device)
         if modality == TEXT:
@@ -82,9 +88,15 @@ class MixedModalSampler:
         positions = torch.arange(ctx.length, ctx.length + n, device=self.device)
         for cache in ctx.caches:
             cache.commit = commit
+        extra = {}
+        if understanding is not None:
+            extra = {
+                "understanding_BL": torch.ones(1, n, dtype=torch.bool, device=self.device),
+                "understanding_latents_BLC": understanding[None].to(self.device),
+            }
         h, _ = self.model.hidden_states(
             tokens[None], latents[None], t[None], torch.full((1, n), modality, device=self.device),
-            positions[None], mask[None, None], ctx.caches,
+            positions[None], mask[None, None], ctx.caches, **extra,
         )
         if commit:
             ctx.length += n
@@ -105,16 +117,22 @@ class MixedModalSampler:
                 ctx.skeleton.append(("text", structural))
         return self.model.lm_head(h[-1])
 
-    def feed_frame(self, ctx: Context, latents: torch.Tensor) -> None:
-        """Append a clean frame [N, C] as context (to the unconditional branch as well)."""
-        self._run(ctx, self._pad_tokens(), latents, torch.ones(len(latents), device=self.device), VISION, commit=True)
+    def feed_frame(self, ctx: Context, latents: torch.Tensor, understanding: bool = False) -> None:
+        """Append a clean frame [N, C] as context (to the unconditional branch as well);
+        ``understanding``: a dual encoder's understanding latents [N_u, C_u] instead."""
+        n, ones = len(latents), torch.ones(len(latents), device=self.device)
+        if understanding:
+            zeros = torch.zeros(n, self.latent_dim, device=self.device)
+            self._run(ctx, self._pad_tokens(n), zeros, ones, VISION, commit=True, understanding=latents)
+        else:
+            self._run(ctx, self._pad_tokens(n), latents, ones, VISION, commit=True)
         if ctx.uncond is not None:
-            self.feed_frame(ctx.uncond, latents)
+            self.feed_frame(ctx.uncond, latents, understanding)
         elif ctx.skeleton is not None:
-            ctx.skeleton.append(("frame", latents))
+            ctx.skeleton.append(("understanding_frame" if understanding else "frame", latents))
 
-    def _pad_tokens(self) -> torch.Tensor:
-        return torch.full((self.tokens_per_frame,), self.tokenizer.pad_id, device=self.device)
+    def _pad_tokens(self, n: int | None = None) -> torch.Tensor:
+        return torch.full((n or self.tokens_per_frame,), self.tokenizer.pad_id, device=self.device)
 
     def unconditional(self, ctx: Context) -> Context:
         """The unconditional twin of ``ctx``: its frames and structural tokens, in order."""
@@ -130,7 +148,7 @@ class MixedModalSampler:
                 if text:
                     self.feed_text(uncond, text)
                     text = []
-                self.feed_frame(uncond, segment)
+                self.feed_frame(uncond, segment, understanding=kind == "understanding_frame")
             if text:
                 self.feed_text(uncond, text)
             ctx.uncond, ctx.skeleton = uncond, None
@@ -232,11 +250,15 @@ class MixedModalSampler:
                 logits = self.feed_text(ctx, [tk.eoi_id])
         return ids, frames
 
-    def image_to_text(self, latents: torch.Tensor) -> str:
-        """Caption of a frame (the I->T layout of training: <bos> <boi> image <eoi> caption)."""
+    def image_to_text(self, latents: torch.Tensor, understanding: bool | None = None) -> str:
+        """Caption of a frame (the I->T layout of training: <bos> <boi> image <eoi> caption).
+        ``understanding`` (default: whether the model is a dual encoder): ``latents`` are the
+        understanding encoder's, read through ``understanding_proj``."""
+        if understanding is None:
+            understanding = bool(getattr(self.model.config, "understanding_dim", 0))
         tk = self.tokenizer
         ctx = self.new_context()
         self.feed_text(ctx, [tk.bos_id, tk.boi_id])
-        self.feed_frame(ctx, latents)
+        self.feed_frame(ctx, latents, understanding)
         ids, _ = self.continue_text(ctx, self.feed_text(ctx, [tk.eoi_id]))
         return tk.decode(ids)

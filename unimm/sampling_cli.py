@@ -93,13 +93,21 @@ def _load_sampler(args: argparse.Namespace):
         generator=torch.Generator().manual_seed(args.seed),
     )
     encoder = load_encoder(EncoderSpec(**manifest.info["encoder"])) if manifest.info.get("encoder") else None
-    spec = SampleSpec(manifest.tokens_per_frame, manifest.latent_dim, tokenizer.get_vocab_size(), manifest.normalizer)
+    understanding = None
+    if getattr(model_config, "understanding_dim", 0):  # dual encoder: captions read the understanding latents
+        u = manifest.understanding
+        understanding = SampleSpec(u.tokens_per_frame, u.latent_dim, tokenizer.get_vocab_size(), u.normalizer)
+    spec = SampleSpec(
+        manifest.tokens_per_frame, manifest.latent_dim, tokenizer.get_vocab_size(), manifest.normalizer,
+        understanding=understanding,
+    )
     streams = [
         ((name, s) for s in read_samples(manifest.sources[name], spec)) for name in captioning_sources(manifest.info)
     ]
-    # (source, the text the sample trains after its image (its stored ids), its frame's latents)
+    # (source, the text the sample trains after its image (its stored ids), its frame's latents
+    # (shown), the latents the model reads to caption it (a dual encoder's understanding latents))
     images = [
-        (name, tokenizer.decode(s["tokens"].tolist()), s["latents"][0])
+        (name, tokenizer.decode(s["tokens"].tolist()), s["latents"][0], s.get("understanding_latents", s["latents"])[0])
         for name, s in islice(_round_robin(streams), args.caption_images)
     ]
     return sampler, encoder, manifest.normalizer, images
@@ -132,7 +140,8 @@ def _sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     generated = [(p, sampler.text_to_image(p).numpy()) for p in args.prompt or DEFAULT_PROMPTS]
     captioned = [
-        (source, truth, sampler.image_to_text(torch.from_numpy(latents)), latents) for source, truth, latents in shard_images
+        (source, truth, sampler.image_to_text(torch.from_numpy(read)), latents)
+        for source, truth, latents, read in shard_images
     ]
     for i, (_, latents) in enumerate(generated):
         np.save(out / f"generated_{i}.npy", latents)

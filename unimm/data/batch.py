@@ -18,6 +18,15 @@ below are all the attention mask, the model and the losses need:
 - ``labels``       int64. Next text token to predict at this position, ``IGNORE_INDEX``
                    where there is none (visual positions, the last token of a document,
                    padding).
+
+Dual encoder only (a model with ``understanding_dim`` > 0; paper §6.3), two more fields:
+
+- ``understanding``          bool. Visual positions of understanding (I->T) images, fed with
+                             the understanding encoder's latents through the model's
+                             ``understanding_proj``; never denoised (``denoise`` False).
+- ``understanding_latents``  float32 [B, L, C_u]. Those latents at those positions, zeros
+                             elsewhere. ``latents`` then holds zeros there: it carries the
+                             generation latents, at the positions that hold them.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ def padding_mask(tokens_BL, modality_BL, pad_id: int):
 
 
 BATCH_KEYS = ("tokens", "latents", "modality", "document_ids", "frame_ids", "positions", "denoise")
+UNDERSTANDING_KEYS = ("understanding", "understanding_latents")
+"""The dual-encoder fields; a batch has both or neither (the model's keyword arguments of the
+same names take them)."""
 
 PROVENANCE_KEY = "_provenance"
 """Optional input-dict entry (not a tensor): per row, the ``(shard, key)`` of each sample

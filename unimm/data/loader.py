@@ -44,6 +44,15 @@ Exact resume: every stream's reader positions, RNG state, per-source counts and 
 carry-over are in the dataset's state_dict, which torchdata's StatefulDataLoader saves between
 batches.
 
+Dual encoder (paper §6.3): for a model with a second input projection (``understanding_dim``
+> 0, bound from the model like ``latent_dim``), the shards must hold understanding latents of
+that width (manifest ``understanding``), and every weighted image-text source must have them.
+They are normalised with their own statistics and fed at the positions of understanding (I->T)
+images, which stay clean (sequences.py); the batch gains ``understanding`` and
+``understanding_latents`` (batch.py). The procedural data writes them when
+``understanding_patch`` is set (raw pixels at ``understanding_image_size``, a CPU stand-in
+for SigLIP 2 beside the generation encoder). A single-encoder model ignores them.
+
 Worker processes (`num_workers` W > 0): the rank's streams are split into W contiguous groups,
 worker w owns group w and builds whole local batches from its own streams only, and the
 dataloader takes batches from the workers in turn. The batch sequence then depends on
@@ -58,7 +67,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -119,7 +128,8 @@ class _Stream:
             )
             for name in self._names
         }
-        self.packer = Packer(seq_len, spec.latent_dim, tokenizer.pad_id)
+        understanding_dim = spec.understanding.latent_dim if spec.understanding is not None else 0
+        self.packer = Packer(seq_len, spec.latent_dim, tokenizer.pad_id, understanding_dim)
         self._tokenizer, self._seq_len, self._latent_dim = tokenizer, seq_len, spec.latent_dim
         self._layout, self._max_bad_fraction = layout, max_bad_fraction
         self.rows = 0
@@ -237,6 +247,7 @@ class PackedMultimodalDataset(IterableDataset):
         max_bad_fraction: float = 0.01,
         num_workers: int = 0,
         max_latent_deviation: float = MAX_LATENT_DEVIATION,
+        understanding_dim: int = 0,
     ) -> None:
         num_streams = num_streams or dp_world_size
         if num_streams % dp_world_size:
@@ -262,6 +273,20 @@ class PackedMultimodalDataset(IterableDataset):
         if normalize_latents and manifest.latent_dim and manifest.normalizer is None:
             raise ConfigError(f"{manifest.path} has no normalization statistics (set normalize_latents false)")
         weights = _check_weights(source_weights or DEFAULT_SOURCE_WEIGHTS, manifest)
+        understanding = None
+        if understanding_dim:
+            check_understanding(manifest, weights, understanding_dim)
+            u = manifest.understanding
+            if normalize_latents and u.normalizer is None:
+                raise ConfigError(f"{manifest.path} has no understanding normalization statistics (set normalize_latents false)")
+            understanding = SampleSpec(
+                tokens_per_frame=u.tokens_per_frame,
+                latent_dim=u.latent_dim,
+                vocab_size=tokenizer.get_vocab_size(),
+                normalizer=u.normalizer if normalize_latents else None,
+                latent_stats=u.normalizer,
+                max_latent_deviation=max_latent_deviation,
+            )
         spec = SampleSpec(
             tokens_per_frame=manifest.tokens_per_frame,
             latent_dim=manifest.latent_dim,
@@ -269,11 +294,13 @@ class PackedMultimodalDataset(IterableDataset):
             normalizer=manifest.normalizer if normalize_latents else None,
             latent_stats=manifest.normalizer,
             max_latent_deviation=max_latent_deviation,
+            understanding=understanding,
         )
         self.num_streams = num_streams
         self.rows_per_stream = local_batch_size // per_group
         self.streams_per_batch = per_group
         self._seq_len, self._latent_dim, self._pad_id = seq_len, spec.latent_dim, tokenizer.pad_id
+        self._understanding_dim = understanding_dim
         self.streams = [
             _Stream(
                 s,
@@ -300,7 +327,9 @@ class PackedMultimodalDataset(IterableDataset):
 
     def _next_batch(self, group: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[list[tuple[str, str]]]]:
         streams = self._group(group)
-        batch = empty_rows(len(streams) * self.rows_per_stream, self._seq_len, self._latent_dim, self._pad_id)
+        batch = empty_rows(
+            len(streams) * self.rows_per_stream, self._seq_len, self._latent_dim, self._pad_id, self._understanding_dim
+        )
         provenance = [
             streams[i // self.rows_per_stream].next_row({k: v[i] for k, v in batch.items()})
             for i in range(len(streams) * self.rows_per_stream)
@@ -435,6 +464,33 @@ def check_document_lengths(
     return warnings
 
 
+def check_understanding(manifest: Manifest, weights: dict[str, float], understanding_dim: int) -> None:
+    """A dual-encoder model (``understanding_dim`` wide understanding latents) needs shards
+    that hold them, that wide, for every weighted image-text source."""
+    u = manifest.understanding
+    if u is None:
+        raise ConfigError(
+            f"{manifest.path}: the model reads understanding latents {understanding_dim} wide (a dual encoder), "
+            "but the shards hold one encoder's latents; write the image-text sources with "
+            "--understanding-encoder NAME (data_pipelines/image_text.py), or train a single-encoder recipe"
+        )
+    if u.latent_dim != understanding_dim:
+        raise ConfigError(
+            f"{manifest.path}: understanding latents are {u.latent_dim} wide (encoder {u.encoder.get('name', '?')!r}) "
+            f"but the model's understanding_proj expects {understanding_dim}"
+        )
+    info = manifest.info.get("source_info") or {}
+    lacking = sorted(
+        name for name in weights if (info.get(name) or {}).get("kind") == "image_text" and name not in u.sources
+    )
+    if lacking:
+        raise ConfigError(
+            f"{manifest.path}: image-text sources {lacking} have no understanding latents (written without "
+            f"--understanding-encoder); a dual-encoder model needs them for every image-text source "
+            f"(these have them: {list(u.sources)}), or leave them out with --dataloader.source_weights"
+        )
+
+
 def _check_weights(weights: dict[str, float], manifest: Manifest) -> dict[str, float]:
     if any(w < 0 for w in weights.values()):
         raise ConfigError(f"source_weights must be non-negative, got {weights}")
@@ -494,7 +550,16 @@ class MultimodalDataLoader(ParallelAwareDataloader):
 
         clean_conditioning_frames: bool = False
         """Keep understanding (I->T) images and action context frames clean (t = 1, no flow
-        loss); default False: every frame is noised with its own t (paper App. B; sequences.py)."""
+        loss); default False: every frame is noised with its own t (paper App. B; sequences.py).
+        A dual encoder's understanding images are clean either way (no flow target)."""
+
+        loss_on: Literal["all", "answers"] = "all"
+        """``answers``: fine-tune on question-answer data with the LM loss only on each answer
+        and the <eos> after it (image-text pairs laid out image first; other documents get no
+        targets) and no flow loss; ``all``: every text target (sequences.answer_document)."""
+
+        answer_flow_loss: bool = False
+        """With loss_on answers, keep the flow loss on frames as in pretraining."""
 
         normalize_latents: bool = True
         """Hand the model (latents - mean) / std with the manifest's per-channel statistics."""
@@ -517,9 +582,19 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         vocab_size: int = 0
         """The model's vocabulary size; the trainer sets it from the model config."""
 
+        understanding_image_size: int = 0
+        understanding_patch: int = 0
+        """Procedural data only (dual encoder): also write raw-pixel understanding latents of the
+        image-text images, fitted to this size, in patches of this side (0: one encoder)."""
+
+        understanding_dim: int = 0
+        """Width of the understanding latents the model reads (dual encoder; 0: none); the
+        trainer sets it from the model config."""
+
         def bind_model(self, model_config) -> None:
-            """Take the latent width and vocabulary the shards must fit from the model."""
+            """Take the latent widths and vocabulary the shards must fit from the model."""
             self.latent_dim, self.vocab_size = model_config.latent_dim, model_config.vocab_size
+            self.understanding_dim = getattr(model_config, "understanding_dim", 0)
 
         def weights(self, manifest: Manifest) -> dict[str, float]:
             """The weighted sources: `source_weights`, or the manifest's defaults when empty."""
@@ -546,8 +621,19 @@ class MultimodalDataLoader(ParallelAwareDataloader):
                         f"{procedural_dim}) would be used, but the model expects latent width {self.latent_dim}: "
                         "pass --dataloader.shards DIR (a folder with manifest.json)"
                     )
+            if not self.shards and self.understanding_dim:
+                procedural_dim = 3 * self.understanding_patch**2
+                if procedural_dim != self.understanding_dim:
+                    raise ConfigError(
+                        f"dataloader.shards is empty, so procedural data would be used, whose raw-pixel understanding "
+                        f"latents (dataloader.understanding_patch {self.understanding_patch}) are {procedural_dim} wide, "
+                        f"but the model's understanding_proj expects {self.understanding_dim}: set "
+                        "--dataloader.understanding_patch (and understanding_image_size), or pass --dataloader.shards DIR"
+                    )
             manifest = load_manifest(_shard_folder(self, tokenizer), self.latent_dim)
             check_tokenizer(manifest, tokenizer)
+            if self.understanding_dim:
+                check_understanding(manifest, self.weights(manifest), self.understanding_dim)
             shortest_image_document = manifest.tokens_per_frame + 4  # <bos> <boi> patches <eoi> <eos>
             if manifest.tokens_per_frame and shortest_image_document > seq_len:
                 raise ConfigError(
@@ -579,11 +665,15 @@ class MultimodalDataLoader(ParallelAwareDataloader):
             num_streams=config.num_streams,
             seed=config.seed,
             source_weights=config.weights(self.manifest),
-            layout=LayoutSettings(config.p_understanding, config.cond_dropout, config.clean_conditioning_frames),
+            layout=LayoutSettings(
+                config.p_understanding, config.cond_dropout, config.clean_conditioning_frames,
+                loss_on=config.loss_on, answer_flow_loss=config.answer_flow_loss,
+            ),
             normalize_latents=config.normalize_latents,
             max_bad_fraction=config.max_bad_fraction,
             num_workers=config.num_workers,
             max_latent_deviation=config.max_latent_deviation,
+            understanding_dim=config.understanding_dim,
         )
         self._group_stats: dict[int, dict[str, int]] = {}
         super().__init__(
@@ -628,4 +718,6 @@ def _shard_folder(config: MultimodalDataLoader.Config, tokenizer: Tokenizer) -> 
         video_frames=config.video_frames,
         samples_per_shard=config.samples_per_shard,
         seed=config.procedural_seed,
+        understanding_image_size=config.understanding_image_size,
+        understanding_patch=config.understanding_patch,
     )

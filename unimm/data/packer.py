@@ -20,10 +20,18 @@ from unimm.data.sequences import Document
 Row = dict[str, np.ndarray]
 
 
-def empty_rows(count: int, seq_len: int, latent_dim: int, pad_id: int) -> Row:
+def empty_rows(count: int, seq_len: int, latent_dim: int, pad_id: int, understanding_dim: int = 0) -> Row:
     """`count` rows of padding ([count, seq_len] per field, latents [count, seq_len, C]): the
-    loader packs a whole batch into one allocation, so no row is copied again to stack it."""
+    loader packs a whole batch into one allocation, so no row is copied again to stack it.
+    ``understanding_dim`` > 0 (dual encoder) adds the fields ``understanding`` and
+    ``understanding_latents`` [count, seq_len, C_u] (batch.py)."""
     shape = (count, seq_len)
+    extra = {}
+    if understanding_dim:
+        extra = {
+            "understanding": np.zeros(shape, dtype=bool),
+            "understanding_latents": np.zeros((*shape, understanding_dim), dtype=np.float32),
+        }
     return {
         "tokens": np.full(shape, pad_id, dtype=np.int64),
         "latents": np.zeros((*shape, latent_dim), dtype=np.float32),
@@ -33,6 +41,7 @@ def empty_rows(count: int, seq_len: int, latent_dim: int, pad_id: int) -> Row:
         "positions": np.empty(shape, dtype=np.int64),
         "denoise": np.zeros(shape, dtype=bool),
         "labels": np.full(shape, IGNORE_INDEX, dtype=np.int64),
+        **extra,
     }
 
 
@@ -53,6 +62,12 @@ def pack_row(docs: list[Document], row: Row) -> None:
         row["labels"][span] = doc.labels
         visual = doc.frames != NO_FRAME
         row["frame_ids"][span] = np.where(visual, doc.frames + frame_offset, NO_FRAME)
+        if doc.understanding is not None:
+            if "understanding" not in row:
+                raise ValueError("a document with understanding frames (dual encoder) needs rows with understanding fields")
+            row["understanding"][span] = doc.understanding
+            row["understanding_latents"][span][doc.understanding] = doc.understanding_latents
+            visual = visual & ~doc.understanding
         row["latents"][span][visual] = doc.latents
         frame_offset += int(doc.frames.max(initial=-1)) + 1
         start = span.stop
@@ -64,8 +79,9 @@ def pack_row(docs: list[Document], row: Row) -> None:
 class Packer:
     """Greedy packer; its state is the document carried over to the next row, plus a counter."""
 
-    def __init__(self, seq_len: int, latent_dim: int, pad_id: int) -> None:
+    def __init__(self, seq_len: int, latent_dim: int, pad_id: int, understanding_dim: int = 0) -> None:
         self.seq_len, self.latent_dim, self.pad_id = seq_len, latent_dim, pad_id
+        self.understanding_dim = understanding_dim
         self.carry: Document | None = None
         self.padding = 0
         self.row_sources: list[tuple[str, str] | None] = []  # Document.source of the last row's documents
@@ -89,7 +105,9 @@ class Packer:
             used += len(doc)
         self.padding += self.seq_len - used
         self.row_sources = [doc.source for doc in docs]
-        row = out if out is not None else {k: v[0] for k, v in empty_rows(1, self.seq_len, self.latent_dim, self.pad_id).items()}
+        row = out if out is not None else {
+            k: v[0] for k, v in empty_rows(1, self.seq_len, self.latent_dim, self.pad_id, self.understanding_dim).items()
+        }
         pack_row(docs, row)
         return row
 

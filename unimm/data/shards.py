@@ -5,6 +5,13 @@ A sample is one `{key}.json` (``kind``, ground truth, provenance), one `{key}.to
 Samples come out as plain dicts: the json's fields plus ``key``, ``shard``, ``tokens`` (int64)
 and ``latents`` (float32, per-channel normalised when the spec says so; None for text).
 
+Dual encoder (paper §6.3): image-text shards written with an understanding encoder also hold
+`{key}.understanding_latents.npy` [F, N_u, C_u], and the manifest an ``understanding`` entry
+(its encoder, width, tokens per frame and statistics: `Manifest.understanding`). A spec with
+``understanding`` (a dual-encoder model) reads, checks and normalises them into the sample's
+``understanding_latents`` (with their own statistics); a missing part is a bad sample. A spec
+without reads such shards as single-encoder ones.
+
 Bad data must not stop a long run, and must never pass silently. Every sample a shard holds
 ends up in exactly one counter:
 
@@ -71,6 +78,33 @@ class Manifest:
     sources: dict[str, list[Path]]  # absolute shard paths per source
     info: dict[str, Any]  # the whole manifest.json: encoder, tokenizer, per-source counts
     normalizer: LatentNormalizer | None  # from the stored per-channel statistics
+    understanding: UnderstandingLatents | None = None  # dual encoder: the second encoder's latents
+
+
+@dataclass(frozen=True)
+class UnderstandingLatents:
+    """The understanding encoder's latents of a dual-encoder manifest (its ``understanding``)."""
+
+    latent_dim: int
+    tokens_per_frame: int
+    normalizer: LatentNormalizer | None
+    encoder: dict[str, Any]
+    sources: tuple[str, ...]  # the sources that hold them (source_info's understanding_encoder)
+
+    @classmethod
+    def from_manifest(cls, info: dict[str, Any]) -> UnderstandingLatents | None:
+        entry = info.get("understanding")
+        if not entry:
+            return None
+        stats = entry.get("normalization")
+        holders = tuple(sorted(n for n, s in (info.get("source_info") or {}).items() if (s or {}).get("understanding_encoder")))
+        return cls(
+            int(entry["latent_dim"] or 0),
+            int(entry["tokens_per_frame"] or 0),
+            None if stats is None else LatentNormalizer.from_stats(ChannelStats.from_json(stats)),
+            entry.get("encoder") or {},
+            holders,
+        )
 
 
 def load_manifest(folder: str | Path, expected_latent_dim: int) -> Manifest:
@@ -106,7 +140,8 @@ def load_manifest(folder: str | Path, expected_latent_dim: int) -> Manifest:
         )
     stats = info["normalization"]
     normalizer = None if stats is None else LatentNormalizer.from_stats(ChannelStats.from_json(stats))
-    return Manifest(path, latent_dim, int(info["tokens_per_frame"] or 0), sources, info, normalizer)
+    understanding = UnderstandingLatents.from_manifest(info)
+    return Manifest(path, latent_dim, int(info["tokens_per_frame"] or 0), sources, info, normalizer, understanding)
 
 
 @dataclass(frozen=True)
@@ -125,6 +160,9 @@ class SampleSpec:
     """Refuse latents with |z - mean| > max_latent_deviation * scale in any channel, where
     scale is the channel's std, or the mean std over channels when larger (so a channel that
     hardly varies in the statistics does not refuse ordinary values)."""
+    understanding: SampleSpec | None = None
+    """Dual encoder: what image-text samples' understanding latents must look like (their
+    tokens per frame and width, normalisation and plausibility check); None: not read."""
     _bounds: tuple[np.ndarray, np.ndarray] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
@@ -228,6 +266,19 @@ def decode_sample(raw: dict[str, Any], spec: SampleSpec) -> tuple[dict[str, Any]
     if reason:
         return None, reason
     sample["latents"] = latents
+    if spec.understanding is not None and kind == "image_text":
+        understanding, reason = _decode(raw, "understanding_latents.npy")
+        reason = reason or _check_latents(understanding, meta, spec.understanding)
+        if reason:
+            return None, f"understanding {reason}" if not reason.startswith("missing") else reason
+        understanding = (
+            to_float32(understanding) if spec.understanding.normalizer is None
+            else spec.understanding.normalizer.normalize(understanding)
+        )
+        reason = spec.understanding.latent_problem(understanding)
+        if reason:
+            return None, f"understanding {reason}"
+        sample["understanding_latents"] = understanding
     return sample, ""
 
 

@@ -7,6 +7,9 @@ and any field can be overridden on the command line (``--training.steps 100``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
@@ -161,6 +164,73 @@ def _register_moe_recipes() -> None:
 
 
 _register_moe_recipes()
+
+
+# Paper §6.3 (Figure 21): design choices stacked one at a time from a Transfusion baseline,
+# every step trained with the same hyperparameters, data and tokens. Each row: the recipe's
+# step name, the model (paper size, CPU size), the visual representation and the flow
+# prediction target. The representation sets the latent width: SD-VAE folded 2x2 is 16 wide,
+# SigLIP 2 So400m 1152; on CPU the procedural images stand in, as raw-pixel patches that keep
+# the same contrast (a low-width "VAE": 4x4 patches of 16 px images, 48 wide; a high-width
+# "semantic encoder": 8x8 patches of 32 px images, 192 wide; both 16 tokens a frame).
+@dataclass(frozen=True)
+class _StackStep:
+    name: str
+    paper_flavor: str
+    cpu_flavor: str
+    encoder: Literal["vae", "semantic", "dual"]
+    prediction: Literal["v", "x"] = "v"
+
+
+_STACK = (
+    _StackStep("transfusion", "dense_1b5", "debug", "vae"),  # shared FFN, SD-VAE, v-pred
+    _StackStep("modality_ffn", "modality_ffn_2b3", "debug_modality", "vae"),
+    _StackStep("siglip2", "modality_ffn_2b3", "debug_modality", "semantic"),
+    _StackStep("moe", "moe_e256_shared_per_modality", "debug_moe_per_modality", "semantic"),
+    _StackStep("x_pred", "moe_e256_shared_per_modality", "debug_moe_per_modality", "semantic", "x"),  # final
+    # branches: another encoder layout at the encoder step, another separation at the MoE step
+    _StackStep("dual_encoder", "dual_encoder_2b3", "debug_dual_encoder", "dual"),
+    _StackStep("mot", "mot_2b5", "debug_mot", "semantic"),
+)
+# (latent width, understanding width) of each representation, paper size and CPU size
+_STACK_WIDTHS = {"vae": ((16, 0), (48, 0)), "semantic": ((1152, 0), (192, 0)), "dual": ((16, 1152), (48, 192))}
+
+
+def _stack(step: _StackStep, cpu: bool) -> UnimmTrainer.Config:
+    config = _debug(step.cpu_flavor) if cpu else _paper(step.paper_flavor)
+    model = config.model_spec.model
+    model.latent_dim, model.understanding_dim = _STACK_WIDTHS[step.encoder][int(cpu)]
+    if cpu:
+        # procedural raw pixels at the widths above (dataloader.patch: 3 * patch^2 wide)
+        small, large = dict(image_size=16, patch=4), dict(image_size=32, patch=8)
+        generation = small if step.encoder in ("vae", "dual") else large
+        understanding = (
+            dict(understanding_image_size=32, understanding_patch=8) if step.encoder == "dual" else {}
+        )
+        config.dataloader = MultimodalDataLoader.Config(**generation, **understanding)
+    elif step.encoder == "dual":
+        config.dataloader = MultimodalDataLoader.Config(source_weights={})
+    config.loss.flow.prediction = step.prediction
+    config.dump_folder = f"./runs/stack_{'cpu_' if cpu else ''}{step.name}"
+    return config
+
+
+def _register_stack_recipes() -> None:
+    for step in _STACK:
+        for cpu in (False, True):
+            name = f"stack_{'cpu_' if cpu else ''}{step.name}"
+            recipe = lambda step=step, cpu=cpu: _stack(step, cpu)  # noqa: E731
+            recipe.__name__ = recipe.__qualname__ = name
+            recipe.__module__ = __name__
+            where = "CPU-sized stand-in" if cpu else "paper size; needs --dataloader.shards"
+            recipe.__doc__ = (
+                f"Paper §6.3 stack, step {step.name!r} ({where}): {step.cpu_flavor if cpu else step.paper_flavor}, "
+                f"{step.encoder} latents, {step.prediction}-prediction."
+            )
+            globals()[name] = recipe
+
+
+_register_stack_recipes()
 
 
 def debug_sweep() -> SizedTrainer.Config:

@@ -68,6 +68,11 @@ FLAVORS: dict[str, Callable[[], UnimmModel.Config]] = {
     # 8 experts of width 96, 2 active: the debug model's dense FFN compute (2 * 96 < 384) is
     # not matched on purpose; the model only has to train and route on CPU.
     "debug_moe": lambda: _debug("moe", MoEConfig(num_experts=8, top_k=2, expert_hidden_dim=96)),
+    # The paper's final MoE layout on CPU: a text and a vision shared expert (only the token's
+    # own is active) beside 6 routed experts, 2 of them picked.
+    "debug_moe_per_modality": lambda: _debug(
+        "moe", MoEConfig(num_experts=8, top_k=3, expert_hidden_dim=96, shared="per_modality")
+    ),
     "dense_1b5": lambda: _paper_backbone("shared"),
     "modality_ffn_2b3": lambda: _paper_backbone("modality"),
     # Sparsity sweep (Table 5): G = 16, 16 active experts of width 512, E from 32 to 1008.

@@ -26,7 +26,7 @@ from unimm.convert.architecture import check_shapes, flavor_differences
 from unimm.convert.dcp_io import save_model_checkpoint
 from unimm.convert.hf_config import model_config_from_hf
 from unimm.convert.safetensors_io import INDEX, read_safetensors, verify_checksums
-from unimm.convert.staging import RUN_FILES, STAGING_PREFIX, staged_folder
+from unimm.convert.staging import seed_checkpoint_destination, staged_folder
 from unimm.convert.state_dict_adapter import UnimmStateDictAdapter
 from unimm.errors import ConfigError
 
@@ -40,42 +40,13 @@ MARKER = "unimm_from_hf.json"
 """Written into the step-0 folder from-hf makes: the only checkpoint --overwrite may replace."""
 
 
-def _listing(paths: list[Path], most: int = 3) -> str:
-    names = ", ".join(str(p) for p in paths[:most])
-    return names + (f" and {len(paths) - most} more" if len(paths) > most else "")
-
-
-def _check_destination(hf: Path, run: Path, overwrite: bool) -> Path:
-    """``run/checkpoint/step-0`` if from-hf may write it; a ConfigError otherwise."""
-    checkpoint = run / "checkpoint"
-    step0 = checkpoint / "step-0"
-    for path in (run, checkpoint):
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{path} is not a folder; from-hf writes {step0}")
-    state = [run / name for name in RUN_FILES if (run / name).exists()]
-    if checkpoint.is_dir():
-        state += sorted(p for p in checkpoint.iterdir() if p != step0 and not p.name.startswith(STAGING_PREFIX))
-    if step0.exists() and not (step0 / MARKER).is_file():
-        state.append(step0)
-    if state:
-        unmarked = (
-            f" ({step0} holds no {MARKER}: it was not written by from-hf, or by an older unimm; "
-            "remove it by hand if it is yours to replace)" if step0 in state else ""
-        )
-        raise ConfigError(
-            f"{run} holds training state ({_listing(state)}){unmarked}; from-hf never replaces a run's checkpoints, "
-            "nor writes step-0 beside them (unimm train would resume from the run's latest step), "
-            "with or without --overwrite. Pass a new --out, or start a run from the export with "
-            f"--checkpoint.initial_load_path {hf.resolve()} --checkpoint.initial_load_in_hf --checkpoint.initial_load_model_only"
-        )
-    if step0.exists() and not overwrite:
-        raise ConfigError(f"{step0} exists (an earlier from-hf wrote it); pass --overwrite to replace it")
-    return step0
-
-
 def import_from_hf(hf: Path, run: Path, overwrite: bool) -> list[str]:
     """Write ``run/checkpoint/step-0``; return the registered model flavors it matches."""
-    step0 = _check_destination(hf, run, overwrite)
+    step0 = seed_checkpoint_destination(
+        run, overwrite, "from-hf", MARKER,
+        "Pass a new --out, or start a run from the export with --checkpoint.initial_load_path "
+        f"{hf.resolve()} --checkpoint.initial_load_in_hf --checkpoint.initial_load_model_only",
+    )
     config_file = hf / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{hf}: no config.json; from-hf reads folders `unimm convert to-hf` wrote")

@@ -26,7 +26,7 @@ import torch
 
 from unimm.convert.architecture import Architecture, check_shapes, flavor_differences, resolve_architecture
 from unimm.convert.dcp_io import DcpCheckpoint, save_model_checkpoint
-from unimm.convert.staging import RUN_FILES, STAGING_PREFIX, staged_folder
+from unimm.convert.staging import seed_checkpoint_destination, staged_folder
 from unimm.errors import ConfigError
 from unimm.model.transformer import UnimmModel
 
@@ -72,29 +72,6 @@ def mot_state_from_dense(state: dict[str, torch.Tensor], source: UnimmModel.Conf
     return mot
 
 
-def _check_destination(run: Path, overwrite: bool) -> Path:
-    """``run/checkpoint/step-0`` if dense-to-mot may write it; a ConfigError otherwise."""
-    checkpoint = run / "checkpoint"
-    step0 = checkpoint / "step-0"
-    for path in (run, checkpoint):
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{path} is not a folder; dense-to-mot writes {step0}")
-    state = [run / name for name in RUN_FILES if (run / name).exists()]
-    if checkpoint.is_dir():
-        state += sorted(p for p in checkpoint.iterdir() if p != step0 and not p.name.startswith(STAGING_PREFIX))
-    if step0.exists() and not (step0 / MARKER).is_file():
-        state.append(step0)
-    if state:
-        shown = ", ".join(map(str, state[:3])) + (f" and {len(state) - 3} more" if len(state) > 3 else "")
-        raise ConfigError(
-            f"{run} holds training state ({shown}); dense-to-mot never replaces a run's checkpoints nor writes "
-            "step-0 beside them (unimm train would resume from the run's latest step). Pass a new --out"
-        )
-    if step0.exists() and not overwrite:
-        raise ConfigError(f"{step0} exists (an earlier dense-to-mot wrote it); pass --overwrite to replace it")
-    return step0
-
-
 def dense_to_mot(
     checkpoint: Path, run: Path, recipe: str | None = None, overrides: tuple[str, ...] = (), overwrite: bool = False
 ) -> tuple[Architecture, list[str]]:
@@ -103,7 +80,7 @@ def dense_to_mot(
     match); return the source architecture and the registered flavors the result matches."""
     if overrides and recipe is None:
         raise ConfigError(f"{' '.join(overrides)}: --section.key options need --recipe NAME")
-    step0 = _check_destination(run, overwrite)
+    step0 = seed_checkpoint_destination(run, overwrite, "dense-to-mot", MARKER, "Pass a new --out")
     source = DcpCheckpoint(checkpoint)
     arch = resolve_architecture(source.shapes(), checkpoint, recipe, list(overrides))
     state = mot_state_from_dense(source.load(), arch.model)

@@ -114,6 +114,38 @@ def training_state(folder: Path) -> list[Path]:
     return found
 
 
+def seed_checkpoint_destination(run: Path, overwrite: bool, writer: str, marker: str, hint: str) -> Path:
+    """``run/checkpoint/step-0`` if ``writer`` (a conversion that seeds a run) may write it; a
+    ConfigError otherwise. A run's state is never replaced, nor is step-0 written beside it
+    (unimm train would resume from the run's latest step, not from step-0); ``overwrite``
+    replaces only a step-0 that holds ``marker``, the file ``writer`` leaves in what it writes.
+    ``hint`` ends the refusal: what to do instead."""
+    checkpoint = run / "checkpoint"
+    step0 = checkpoint / "step-0"
+    for path in (run, checkpoint):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} is not a folder; {writer} writes {step0}")
+    state = [run / name for name in RUN_FILES if (run / name).exists()]
+    if checkpoint.is_dir():
+        state += sorted(p for p in checkpoint.iterdir() if p != step0 and not p.name.startswith(STAGING_PREFIX))
+    if step0.exists() and not (step0 / marker).is_file():
+        state.append(step0)
+    if state:
+        shown = ", ".join(map(str, state[:3])) + (f" and {len(state) - 3} more" if len(state) > 3 else "")
+        unmarked = (
+            f" ({step0} holds no {marker}: it was not written by {writer}, or by an older unimm; "
+            "remove it by hand if it is yours to replace)" if step0 in state else ""
+        )
+        raise ConfigError(
+            f"{run} holds training state ({shown}){unmarked}; {writer} never replaces a run's checkpoints, "
+            "nor writes step-0 beside them (unimm train would resume from the run's latest step), "
+            f"with or without --overwrite. {hint}"
+        )
+    if step0.exists() and not overwrite:
+        raise ConfigError(f"{step0} exists (an earlier {writer} wrote it); pass --overwrite to replace it")
+    return step0
+
+
 @contextmanager
 def staged_folder(final: Path, overwrite: bool) -> Iterator[Path]:
     """Yield an empty folder beside ``final`` to fill. When the block succeeds it becomes

@@ -7,12 +7,15 @@ through torchtitan's own ``--metrics.enable_tensorboard``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from torchtitan.components.metrics import BaseLogger
+
+logger = logging.getLogger(__name__)
 
 # torchtitan's metric names -> the short names of metrics.jsonl
 RENAMES = {
@@ -27,10 +30,43 @@ RENAMES = {
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file. A line that does not parse (a write cut short when the
+    process was killed) is skipped with a warning instead of making every reader fail."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: skipping a line that is not JSON (a torn write?): %.80r", path, number, line)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            logger.warning("%s:%d: skipping a row without an integer 'step'", path, number)
+    return rows
+
+
+def keep_rows(path: str | os.PathLike, keep) -> None:
+    """Rewrite a JSON-lines file with the parseable rows for which ``keep(row)`` holds
+    (atomically: a temporary file renamed over it). A missing file stays missing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(path) if keep(row)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> None:
+    """Resuming from the checkpoint of ``step``: the rows a crashed run wrote after it will be
+    written again, so they go (and a torn last line with them)."""
+    keep_rows(path, lambda row: row["step"] <= step)
 
 
 class JsonlLogger(BaseLogger):
@@ -42,11 +78,9 @@ class JsonlLogger(BaseLogger):
 
     def _drop_rows_from(self, step: int) -> None:
         # A resumed run re-logs the steps after its checkpoint; rows a crashed run wrote
-        # past that point would otherwise appear twice.
-        kept = [row for row in read_metrics(self.path) if row["step"] < step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        # past that point would otherwise appear twice. (The trainer also drops the rows
+        # after the checkpoint's step as it loads it: drop_rows_after.)
+        keep_rows(self.path, lambda row: row["step"] < step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.passthrough.log(metrics, step)
@@ -60,7 +94,7 @@ class JsonlLogger(BaseLogger):
         row["tokens_per_s"] = row["tokens_per_s_per_device"] * self.world_size
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")  # one write per row: a kill tears at most the last line
 
     def close(self) -> None:
         self.passthrough.close()

@@ -10,7 +10,9 @@ It is torchtitan's own ``train.main`` with these differences:
   (``unimm.titan.config_checks``) and holds the run folder's lock for its life
   (``unimm.titan.run_lock``); under ``unimm train`` the launcher holds it for the run.
 - Configuration mistakes (``ConfigError``, a locked run folder included) end the rank with a
-  one-line message instead of a stack trace.
+  one-line message instead of a stack trace (exit 2), and so do deliberate stops that protect
+  the run's results (``RunStopped``: a diverged run, no intact checkpoint, too much bad data;
+  exit 3).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-from unimm.errors import ConfigError
+from unimm.errors import ConfigError, RunStopped
 
 _run_lock = None
 """Rank 0's lock of the run folder when started by hand; released when the process exits."""
@@ -67,6 +69,9 @@ def main() -> None:
     except ConfigError as err:
         print(f"unimm: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as err:
+        print(f"unimm: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(3)
     finally:
         if _run_lock is not None:
             _run_lock.release()

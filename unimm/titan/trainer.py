@@ -8,7 +8,6 @@ and the loss has two normalised parts that are logged separately.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +16,17 @@ import torch.distributed as dist
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.trainer import Trainer
 
-from unimm.data.batch import IGNORE_INDEX
+from unimm.data.batch import IGNORE_INDEX, PROVENANCE_KEY, UNDERSTANDING_KEYS, padding_mask
 from unimm.data.loader import MultimodalDataLoader
 from unimm.flow import frame_noise, interpolate
 from unimm.losses import TransfusionLoss
 from unimm.masks import build_attention_mask
 from unimm.model.moe import moe_layers, update_expert_biases
 from unimm.titan import compat
-from unimm.titan.metrics_jsonl import ExpertLoadLog, JsonlLogger
+from unimm.titan.checkpoint import UnimmCheckpointManager
+from unimm.titan.metrics_jsonl import ExpertLoadLog, JsonlLogger, drop_rows_after
+from unimm.titan.nonfinite import NonFiniteGuard, SkippedStep, samples_of
+from unimm.titan.stage import StageConfig, StagedOptimizersContainer, prepare_stage_start
 from unimm.tokenizer import Tokenizer
 
 
@@ -36,12 +38,30 @@ class UnimmTrainer(Trainer):
         loss: TransfusionLoss.Config = field(default_factory=TransfusionLoss.Config)
         metrics_file: str = "metrics.jsonl"
         """Per-step metrics as JSON lines, relative to dump_folder."""
+        max_consecutive_nonfinite_steps: int = 5
+        """A step whose loss or gradient norm is NaN/Inf is skipped (no update) and counted
+        (train/skipped_nonfinite_steps); this many in a row stop the run (unimm.titan.nonfinite)."""
+        stage: StageConfig = field(default_factory=StageConfig)
+        """Staged training (unimm.titan.stage): --stage.freeze GROUPS, --stage.lr_multipliers
+        GROUP X ..., --stage.init_from RUN (groups: unimm.titan.param_groups)."""
 
     def __init__(self, config: Config):
         compat.apply()
         model_config = config.model_spec.model
         config.dataloader.bind_model(model_config)  # the loader checks its shards against both
+        # torchtitan's checkpoint manager plus finiteness checks on save and fallback on load
+        config.checkpoint = UnimmCheckpointManager.adopt(config.checkpoint)
+        # staged training: frozen groups and per-group LRs in the optimizer, the checkpoint a
+        # stage starts from resolved and checked against the model (unimm.titan.stage)
+        config.optimizer = StagedOptimizersContainer.adopt(config.optimizer, config.stage)
+        prepare_stage_start(config)
         super().__init__(config)
+        self._batches_ahead = None  # the next step's microbatches, read while the device works (_read_ahead)
+        rank0 = dist.get_rank() == 0
+        self._run_logs = [Path(config.dump_folder) / name for name in (config.metrics_file, "expert_load.jsonl", "nonfinite_steps.jsonl")]
+        self.nonfinite = NonFiniteGuard(
+            config.max_consecutive_nonfinite_steps, self._run_logs[2] if rank0 else None
+        )
         self.mask_backend = model_config.mask_backend(self.device)
         self.flow_shift = config.loss.flow.shift_factor(self.dataloader.manifest.tokens_per_frame, model_config.latent_dim)
         ffn = model_config.ffn
@@ -50,6 +70,9 @@ class UnimmTrainer(Trainer):
         self.router_loss_weight = (
             self.moe_config.aux_loss_coef if self.moe_config and self.moe_config.load_balance == "aux_loss" else 0.0
         )
+        if self.loss_fn.centering is not None and hasattr(self.checkpointer, "states"):
+            # the running loss center is training state: a resume continues with its weights
+            self.checkpointer.states["loss_centering"] = self.loss_fn
         self.expert_load_log = None
         if dist.get_rank() == 0:
             if self.moe_layers:
@@ -99,14 +122,15 @@ class UnimmTrainer(Trainer):
         return [(base + first_row + i) % (2**63) for i in range(batch_size)]
 
     def _global_counts(self, microbatches) -> torch.Tensor:
-        """Text targets, noised latent elements and positions in the whole global batch: the
-        losses are sums divided by these, so gradients summed over ranks are global means."""
+        """Text targets, noised latent elements and real (non-padding) positions in the whole
+        global batch: the losses are sums divided by these, so gradients summed over ranks are
+        global means."""
         latent_dim = self.model_config.latent_dim
         counts = torch.zeros(3, dtype=torch.float64)
         for inputs, labels in microbatches:
             counts[0] += (labels != IGNORE_INDEX).sum()
             counts[1] += inputs["denoise"].sum() * latent_dim
-            counts[2] += labels.numel()
+            counts[2] += (~padding_mask(inputs["tokens"], inputs["modality"], self.tokenizer.pad_id)).sum()
         counts = counts.to(self.device)
         if self.parallel_dims.dp_enabled:
             dist.all_reduce(counts, group=self.parallel_dims.get_mesh("batch").get_group())
@@ -126,24 +150,108 @@ class UnimmTrainer(Trainer):
         )
         z_in = torch.where(denoise[..., None], interpolate(latents, eps, t_BL[..., None]), latents)
         lm_positions = labels != IGNORE_INDEX
+        real = ~padding_mask(batch["tokens"], batch["modality"], self.tokenizer.pad_id)
         with self.train_context():
             logits, flow_pred, balance = self.model_parts[0](
                 batch["tokens"], z_in, t_BL, batch["modality"], batch["positions"], mask,
-                lm_positions, denoise,
+                lm_positions, denoise, real,
+                **{k: batch[k] for k in UNDERSTANDING_KEYS if k in batch},  # dual encoder (batch.py)
             )
-            # the router term is a mean over tokens: weight it by this microbatch's share
-            balance = balance.mean() * (labels.numel() / counts[2])
-            loss, parts = self.loss_fn(
+            # the router term is a mean over real tokens: weight it by this microbatch's share
+            balance = balance.mean() * (real.sum() / counts[2])
+            loss_lm, loss_flow = self.loss_fn.parts(
                 logits, labels[lm_positions], flow_pred, latents[denoise], eps[denoise],
-                t_BL[denoise][:, None], counts, self.router_loss_weight * balance,
+                t_BL[denoise][:, None], counts,
             )
+            weights = None
+            if self.loss_fn.centering is not None:
+                weights = self._centering_weights(loss_lm, loss_flow, lm_positions, denoise, counts, micro_index)
+            loss = self.loss_fn.combine(loss_lm, loss_flow, self.router_loss_weight * balance, weights)
             loss.backward()
-        return torch.stack([loss.detach(), parts["loss_lm"], parts["loss_flow"], balance.detach()])
+        return torch.stack([loss.detach(), loss_lm.detach(), loss_flow.detach(), balance.detach()])
+
+    def _centering_weights(self, loss_lm, loss_flow, lm_positions, denoise, counts, micro_index: int):
+        """Loss-centering weights (w_LM, w_flow) of one microbatch (paper App. D.2), from its
+        mean losses over all data-parallel ranks; the step's last microbatch advances the
+        center with the step's mean losses (the sums of the microbatches' shares)."""
+        latent_dim = self.model_config.latent_dim
+        stats = torch.stack([
+            loss_lm.detach().double(), loss_flow.detach().double(),
+            lm_positions.sum().double(), denoise.sum().double() * latent_dim,
+        ])
+        if self.parallel_dims.dp_enabled:
+            dist.all_reduce(stats, group=self.parallel_dims.get_mesh("batch").get_group())
+        share_lm, share_flow, n_lm, n_flow = stats.tolist()
+        if micro_index == 0:
+            self._centering_step = [0.0, 0.0]
+        self._centering_step = [self._centering_step[0] + share_lm, self._centering_step[1] + share_flow]
+        # a share is the microbatch's sum over the global count: its own mean is share * N / n
+        mean_lm = share_lm * float(counts[0]) / n_lm if n_lm else 0.0
+        mean_flow = share_flow * float(counts[1]) / n_flow if n_flow else 0.0
+        weights = self.loss_fn.centering.weights(mean_lm, mean_flow)
+        if micro_index == self.gradient_accumulation_steps - 1:
+            self.loss_fn.centering.update(*self._centering_step)
+        return weights
+
+    # -- train state, resume, read-ahead ------------------------------------------------------
+
+    def state_dict(self):
+        return {**super().state_dict(), "skipped_nonfinite_steps": self.nonfinite.skipped}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.nonfinite.skipped = int(state_dict.get("skipped_nonfinite_steps", 0))
+        if dist.get_rank() == 0:
+            # the steps after the checkpoint run again: drop what a stopped run logged for them
+            for path in self._run_logs:
+                drop_rows_after(path, self.step)
+
+    def _take_microbatches(self, data_iterator):
+        ahead, self._batches_ahead = self._batches_ahead, None
+        if isinstance(ahead, BaseException):
+            raise ahead
+        if ahead is not None:
+            return ahead
+        return [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+
+    def _read_ahead(self, data_iterator) -> None:
+        """Take the next step's microbatches now, while the device still runs this step's
+        backward, so the wait for the finiteness check does not also wait for the loader
+        (with dataloader.num_workers 0 it packs batches in this process; before the check
+        existed that work overlapped the backward). Never before a step whose data position
+        is saved (a checkpoint step) or reported (a logging step: data counters, tokens/s),
+        so checkpoints and metrics are as without it; an exception is raised when the batch
+        would have been taken."""
+        step, last = self.step, self.config.training.steps
+        will_save = getattr(self.checkpointer, "will_save", None)
+        if step >= last or will_save is None or will_save(step, last_step=step == last):
+            return
+        try:
+            self._batches_ahead = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+        except Exception as err:  # noqa: BLE001 (re-raised where the batch is used)
+            self._batches_ahead = err
+
+    def _skip_step(self, values: list[float], provenance, loss_state) -> None:
+        """A non-finite step: no update of any kind; counted; may stop the run (NonFiniteGuard)."""
+        self.optimizers.zero_grad()
+        if loss_state is not None:
+            self.loss_fn.load_state_dict(loss_state)  # loss centering advanced on this step's losses
+        samples = samples_of(provenance)
+        batch = [list(pair) for pair in samples] if samples is not None else "samples not recorded by the loader"
+        batches = [batch]
+        if dist.get_world_size() > 1:  # every rank skips this step, so every rank is here
+            batches = [None] * dist.get_world_size()
+            dist.all_gather_object(batches, batch)
+        self.nonfinite.skip(SkippedStep(self.step, *values, batch=batches))
+
+    # -- one optimiser step ---------------------------------------------------------------
 
     def train_step(self, data_iterator):
         self.optimizers.zero_grad()
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
-        microbatches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+        microbatches = self._take_microbatches(data_iterator)
+        provenance = [inputs.pop(PROVENANCE_KEY, None) for inputs, _ in microbatches]
+        loss_state = self.loss_fn.state_dict() if hasattr(self.loss_fn, "state_dict") else None
         counts = self._global_counts(microbatches)
         losses = sum(
             self.forward_backward_step(input_dict=inputs, labels=labels, counts=counts, micro_index=m)
@@ -157,32 +265,43 @@ class UnimmTrainer(Trainer):
             pp_mesh=None,
             ep_enabled=self.parallel_dims.ep_enabled,
         )
-        self.checkpointer.maybe_wait_for_staging()
-        self.optimizers.step()
-        self.lr_schedulers.step()
-        if expert_loads is not None and self.moe_config.load_balance == "bias":
-            update_expert_biases(self.moe_layers, expert_loads)
-
-        if not self.metrics_processor.should_log(self.step):
-            return
         if self.parallel_dims.dp_enabled:
+            # every step: all ranks must see the same loss to take the same decision below
             dist.all_reduce(losses, group=self.parallel_dims.get_mesh("batch").get_group())
-        loss, loss_lm, loss_flow, balance = losses.tolist()
-        if not math.isfinite(loss):
-            raise RuntimeError(
-                f"loss is not finite at step {self.step} (lm {loss_lm}, flow {loss_flow}); stopping"
-            )
+        logging = self.metrics_processor.should_log(self.step)
+        if not logging:
+            self._read_ahead(data_iterator)
+        # The step's one wait on the device: the loss parts (global) and the gradient norm
+        # (global), in one transfer. It is what logging steps already waited for (there it
+        # replaces losses.tolist() and grad_norm.item()); the decision to skip must be taken
+        # on the host before the optimizer step, so other steps now wait here too.
+        values = torch.cat([losses.float(), grad_norm.reshape(1).float().to(losses.device)]).tolist()
+        loss, loss_lm, loss_flow, balance, grad_norm_value = values
+        self.checkpointer.maybe_wait_for_staging()
+        if NonFiniteGuard.finite(values):
+            self.nonfinite.passed()
+            self.optimizers.step()
+            self.lr_schedulers.step()
+            if expert_loads is not None and self.moe_config.load_balance == "bias":
+                update_expert_biases(self.moe_layers, expert_loads)
+        else:
+            self._skip_step(values, provenance, loss_state)
+
+        if not logging:
+            return
         self.metrics_processor.log(
             self.step,
             loss,
             loss,
-            float(grad_norm.item()),
+            grad_norm_value,
             extra_metrics={
                 "loss_lm": loss_lm,
                 "loss_flow": loss_flow,
                 "lr": lr,
                 "n_tokens_seen": self.ntokens_seen,
+                "train/skipped_nonfinite_steps": self.nonfinite.skipped,
                 **{f"data/{k}": v for k, v in self.dataloader.stats().items()},
                 **self._moe_metrics(expert_loads, balance),
+                **self.loss_fn.metrics(),
             },
         )

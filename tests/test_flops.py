@@ -80,6 +80,39 @@ def test_flops_per_token_counted_by_hand(kind):
     assert tokens.six_n == 6 * (layers * (attention_weights + ffn_weights) + norms + 2 * v * d)
 
 
+def test_dual_encoder_understanding_frames_counted_by_hand():
+    # The batch above from a dual encoder: frame 0 (4-7, clean) is an understanding frame, read
+    # through understanding_proj (4 wide -> 32) instead of the latent projection and timestep MLP.
+    d, c, f, c_u = 32, 6, 8, 4
+    inputs, labels = batch()
+    inputs["understanding"] = torch.tensor([[4 <= i < 8 for i in range(L)]])
+    mix = measure_mix(inputs, labels)
+    assert (mix.vision, mix.understanding, mix.denoised) == (7 / 16, 4 / 16, 3 / 16)
+    assert mix.attention_density == measure_mix(*batch()).attention_density  # the mask is the same
+    assert measure_mix(*batch()).understanding == 0.0 and TYPICAL_MIX.understanding == 0.0
+
+    config = tiny_config("modality")
+    config.understanding_dim = c_u
+    flops = model_flops(meta_model(config))
+    single = model_flops(meta_model(tiny_config("modality")))
+    visual_input = 6 * (c * d + f * f + f * d)
+    understanding_input = 6 * c_u * d
+    assert (flops.visual_input, flops.understanding_input, single.understanding_input) == (
+        visual_input, understanding_input, 0,
+    )
+    assert (flops.backbone, flops.lm_head, flops.flow_head) == (single.backbone, single.lm_head, single.flow_head)
+    tokens = flops.per_token(mix, seq_len=L)
+    # 3 generated positions run the latent projection and timestep MLP, 4 understanding ones the second projection
+    assert tokens.mean == pytest.approx(
+        flops.backbone + 6 / 16 * flops.lm_head + 3 / 16 * visual_input + 4 / 16 * understanding_input
+        + 3 / 16 * flops.flow_head + flops.attention_pair * 90 / 16
+    )
+    # the same batch counted as single-encoder data: every visual position through latent_proj and the time MLP
+    assert single.per_token(measure_mix(*batch()), seq_len=L).mean == pytest.approx(
+        tokens.mean + 4 / 16 * (visual_input - understanding_input)
+    )
+
+
 def test_paper_dense_model_matches_6nd_up_to_embedding_and_attention():
     config = load_recipe("dense_1b5").model_spec.model
     model = meta_model(config)

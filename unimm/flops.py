@@ -12,8 +12,10 @@ count, never in how):
   token is not routed to; a router is a matmul every token runs); in a Mixture of
   Transformers, its own modality's attention projections too;
 - the LM head runs at positions with a next-token target, the latent projection and timestep
-  MLP at visual positions, the flow head at noised visual positions. (The model computes the
-  visual input projection at every position and then selects; that waste is not counted);
+  MLP at visual positions, the flow head at noised visual positions. A dual encoder's
+  understanding frames (visual positions of I->T images) run its ``understanding_proj``
+  instead of the latent projection and timestep MLP. (The model computes each visual input
+  projection at every position and then selects; that waste is not counted);
 - attention scores and values: for every (query, key) pair the mask allows, ``q.k`` and
   ``p.v`` cost ``2 * n_heads * head_dim`` each forward, ``12 * n_heads * head_dim`` per layer in
   training. How many pairs a packed row allows (the mask's density) depends on the data: it is
@@ -45,7 +47,7 @@ class PositionMix:
     """What a packed batch looks like to the FLOP count, as fractions of its positions."""
 
     vision: float
-    """Positions holding a visual latent patch (latent projection and timestep MLP)."""
+    """Positions holding a visual latent patch, understanding frames included."""
     lm_targets: float
     """Positions with a next-token target (LM head)."""
     denoised: float
@@ -54,6 +56,9 @@ class PositionMix:
     """Mean number of keys a text query may attend to, over the row length."""
     vision_density: float
     """The same for a visual query (a frame sees all of itself, so this is higher)."""
+    understanding: float = 0.0
+    """The part of ``vision`` in a dual encoder's understanding frames (``understanding_proj``
+    instead of the latent projection and timestep MLP); 0 for single-encoder data."""
 
     @property
     def attention_density(self) -> float:
@@ -102,6 +107,9 @@ class ModelFlops:
     """One allowed (query, key) pair through every layer's scores and values."""
     active_params: int
     """N of C = 6ND: ``count_params(model).active``."""
+    understanding_input: int = 0
+    """A dual encoder's ``understanding_proj`` (C_u x D), run at understanding positions in
+    place of ``visual_input``; 0 for a single-encoder model."""
 
     def per_token(self, mix: PositionMix, seq_len: int) -> TokenFlops:
         def attention(density: float) -> float:
@@ -112,7 +120,8 @@ class ModelFlops:
             vision=self.backbone + self.visual_input + self.flow_head + attention(mix.vision_density),
             mean=self.backbone
             + mix.lm_targets * self.lm_head
-            + mix.vision * self.visual_input
+            + (mix.vision - mix.understanding) * self.visual_input
+            + mix.understanding * self.understanding_input
             + mix.denoised * self.flow_head
             + attention(mix.attention_density),
             six_n=6.0 * self.active_params,
@@ -137,6 +146,7 @@ def model_flops(model: nn.Module) -> ModelFlops:
         flow_head=FLOPS_PER_WEIGHT * _matmul_weights(model.flow_head),
         attention_pair=attention_pair,
         active_params=count_params(model).active,
+        understanding_input=FLOPS_PER_WEIGHT * _matmul_weights(*_understanding_proj(model)),
     )
 
 
@@ -149,6 +159,7 @@ def measure_mix(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Positi
     allowed_BLL = build_attention_mask(inputs["document_ids"], inputs["frame_ids"], "sdpa")[:, 0]
     density_BL = allowed_BLL.sum(-1).double() / labels.shape[1]
     vision_BL = inputs["modality"] == VISION
+    understanding_BL = inputs.get("understanding")  # dual-encoder batches only
     positions = labels.numel()
     return PositionMix(
         vision=float(vision_BL.sum()) / positions,
@@ -156,7 +167,12 @@ def measure_mix(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Positi
         denoised=float(inputs["denoise"].sum()) / positions,
         text_density=_mean_or_zero(density_BL[~vision_BL]),
         vision_density=_mean_or_zero(density_BL[vision_BL]),
+        understanding=0.0 if understanding_BL is None else float(understanding_BL.sum()) / positions,
     )
+
+
+def _understanding_proj(model: nn.Module) -> tuple[nn.Module, ...]:
+    return (model.understanding_proj,) if hasattr(model, "understanding_proj") else ()
 
 
 def _matmul_weights(*modules: nn.Module) -> int:

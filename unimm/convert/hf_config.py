@@ -40,6 +40,7 @@ def unimm_config_kwargs(model: UnimmModel.Config, special_ids: dict[str, int]) -
         "ffn_kind": model.ffn.kind,
         "latent_dim": model.latent_dim,
         "time_freq_dim": model.time_freq_dim,
+        "understanding_dim": model.understanding_dim,
         "boi_token_id": special_ids["boi"],
         "eoi_token_id": special_ids["eoi"],
     }
@@ -89,6 +90,8 @@ def model_config_from_hf(config: dict[str, Any], where: Path) -> UnimmModel.Conf
             max_seq_len=config["max_position_embeddings"],
             latent_dim=config["latent_dim"],
             time_freq_dim=config["time_freq_dim"],
+            # absent from folders written before dual-encoder export: one encoder
+            understanding_dim=config.get("understanding_dim", 0),
         )
     except KeyError as missing:
         raise ConfigError(f"{where}: no {missing} field; is this a folder `unimm convert to-hf` wrote?") from None

@@ -29,7 +29,7 @@ out = model.forward_flow(
 out.flow[modality == 1]  # the flow-matching prediction for each patch
 ```
 
-Rows longer than the {max_seq_len} positions the model was trained on (prompt and generated
+{understanding}Rows longer than the {max_seq_len} positions the model was trained on (prompt and generated
 tokens together) raise a ValueError.
 
 `unimm convert from-hf --hf {path} --out RUN_DIR` turns this folder back into a torchtitan
@@ -44,7 +44,7 @@ prompt = tokenizer("A red square", return_tensors="pt")
 print(tokenizer.decode(model.generate(**prompt, max_new_tokens=40)[0], skip_special_tokens=True))
 ```
 
-This is the text backbone only: the visual adapters (latent projection, timestep embedding)
+This is the text backbone only: the visual adapters (input projections, timestep embedding)
 and the flow head are not in this folder. `--format unimm` exports them too.
 
 The model was trained on rows of up to {max_seq_len} positions (`max_position_embeddings`).
@@ -67,11 +67,39 @@ def _feed_forward(ffn: FFNConfig) -> str:
     return f"SwiGLU, width {ffn.hidden_dim}"
 
 
+_UNDERSTANDING_USE = '''This is a dual-encoder model: it reads images it is asked about (image to text) as
+{understanding_dim}-wide latents of a second, understanding encoder, through its own input projection
+`understanding_proj` and with no flow time, and generates images in the {latent_dim}-wide latent space
+above. Pass such a frame to `forward_flow` as `understanding` (True at its positions) and
+`understanding_latents` (the understanding encoder's latents there, normalised with that encoder's
+statistics); its `latents` and `timesteps` are not read and the flow head predicts nothing there:
+
+```python
+understanding = modality == 1  # the frame above, read instead of generated
+out = model.forward_flow(
+    input_ids=torch.full((1, L), tokenizer.pad_token_id), latents=torch.zeros(1, L, {latent_dim}),
+    timesteps=torch.ones(1, L), modality=modality, attention_mask=mask,
+    understanding=understanding, understanding_latents=torch.randn(1, L, {understanding_dim}),
+)
+out.logits[modality == 0]  # next-token logits of the text around it, e.g. a caption
+```
+
+'''
+
+
 def model_card(arch: Architecture, fmt: str, checkpoint: Path, dtype: str, folder_name: str) -> str:
     model = arch.model
     tags = ["unimm", "text-generation"] + (["llama"] if fmt == "llama" else ["multimodal", "flow-matching"])
+    understanding = ""
+    if model.understanding_dim and fmt != "llama":
+        understanding = _UNDERSTANDING_USE.format(latent_dim=model.latent_dim, understanding_dim=model.understanding_dim)
     use = (_LLAMA_USE if fmt == "llama" else _UNIMM_USE).format(
-        path=folder_name, latent_dim=model.latent_dim, max_seq_len=model.max_seq_len
+        path=folder_name, latent_dim=model.latent_dim, max_seq_len=model.max_seq_len, understanding=understanding
+    )
+    understanding_row = (
+        f"| understanding latent width (dual encoder) | {model.understanding_dim} |\n"
+        if model.understanding_dim and fmt != "llama"
+        else ""
     )
     return f"""---
 library_name: transformers
@@ -96,7 +124,7 @@ Converted by `unimm convert to-hf --format {fmt}` from the torchtitan checkpoint
 | RoPE base | {model.rope_theta:g} |
 | longest sequence trained | {model.max_seq_len} |
 | visual latent width | {model.latent_dim} |
-| weights | {dtype} |
+{understanding_row}| weights | {dtype} |
 
 ## Use
 

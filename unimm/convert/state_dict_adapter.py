@@ -3,7 +3,9 @@
 Native names are UnimmModel's module paths (what torchtitan's DCP checkpoints hold); the HF
 names are Llama's wherever the module is Llama's (``model.layers.N.self_attn.q_proj.weight``,
 ``mlp.gate_proj``, ...), so a dense text checkpoint is weight for weight a LlamaForCausalLM
-plus the visual adapters. The mapping is a rule over the dotted components of a name, not a
+plus the visual adapters. The input adapters (``latent_proj``, ``time_embedding`` and a dual
+encoder's ``understanding_proj``) keep their names under ``model.``; the heads (``lm_head``,
+``flow_head``) sit beside it. The mapping is a rule over the dotted components of a name, not a
 table of full names: a new FFN variant's parameters (``feed_forward.experts.w1``,
 ``feed_forward.router.gate.weight``, ...) map with no change here, and every conversion checks
 that the rule inverts exactly on each name it converts.

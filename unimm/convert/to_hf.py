@@ -118,13 +118,6 @@ def export_to_hf(request: ExportRequest) -> Architecture:
         )
     checkpoint = DcpCheckpoint(request.checkpoint)
     arch = resolve_architecture(checkpoint.shapes(), request.checkpoint, request.recipe, list(request.overrides))
-    if request.fmt == "unimm" and getattr(arch.model, "understanding_dim", 0):
-        raise ConfigError(
-            f"{request.checkpoint}: a dual-encoder model (understanding_proj, {arch.model.understanding_dim}-wide "
-            "understanding latents) cannot be exported as --format unimm yet: the Hugging Face modeling code has "
-            "no second input projection. Its DCP checkpoint trains, resumes and samples with unimm; "
-            "--format llama exports the text backbone of a shared-FFN one"
-        )
     if request.fmt == "llama" and arch.model.ffn.kind == "mot":
         raise ConfigError(
             f"{request.checkpoint}: --format llama cannot hold a Mixture of Transformers: its attention "

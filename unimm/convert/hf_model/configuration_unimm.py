@@ -21,6 +21,9 @@ class UnimmConfig(PretrainedConfig):
     norms, the final norm included; one attention over all tokens).
     latent_dim: width of one visual latent patch; time_freq_dim: sinusoidal features of the
     flow-matching time t in [0, 1] (t = 1 is a clean latent).
+    understanding_dim: dual encoder (as in Janus and Bagel): width of the understanding
+    encoder's latents, read at understanding (I->T) frames through a second input projection
+    ``understanding_proj`` with no time embedding; 0: one encoder.
     """
 
     model_type = "unimm"
@@ -46,6 +49,7 @@ class UnimmConfig(PretrainedConfig):
         max_position_embeddings: int = 4096,
         latent_dim: int = 1152,
         time_freq_dim: int = 256,
+        understanding_dim: int = 0,
         boi_token_id: int | None = None,
         eoi_token_id: int | None = None,
         initializer_range: float = 0.02,
@@ -74,6 +78,7 @@ class UnimmConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.latent_dim = latent_dim
         self.time_freq_dim = time_freq_dim
+        self.understanding_dim = understanding_dim
         self.boi_token_id = boi_token_id
         self.eoi_token_id = eoi_token_id
         self.initializer_range = initializer_range

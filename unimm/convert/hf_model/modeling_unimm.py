@@ -6,6 +6,9 @@ unimm.model.transformer's, laid out under Llama's module names:
 
 - input: text tokens through ``embed_tokens``; each visual latent patch through
   ``latent_proj`` plus an embedding of its flow time t (``modality`` says which is which);
+  a dual-encoder model (``understanding_dim`` > 0) reads understanding (I->T) frames instead
+  through ``understanding_proj`` of the understanding encoder's latents, with no time embedding
+  (``understanding`` marks those positions);
 - Llama-style pre-norm blocks: RMSNorm, RoPE (rotate-half layout), grouped-query attention,
   and a SwiGLU FFN that is shared, per modality, or a mixture of experts; or, as a Mixture
   of Transformers (``mot``), norms, attention projections and FFN all per modality under one
@@ -365,6 +368,8 @@ class UnimmModel(UnimmPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.latent_proj = nn.Linear(config.latent_dim, config.hidden_size)
         self.time_embedding = UnimmTimestepEmbedding(config.time_freq_dim, config.hidden_size)
+        if getattr(config, "understanding_dim", 0):  # dual encoder: a second input projection
+            self.understanding_proj = nn.Linear(config.understanding_dim, config.hidden_size)
         layer_class = DECODER_LAYER_CLASSES.get(config.ffn_kind, UnimmDecoderLayer)
         self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         if config.ffn_kind == "mot":  # the final norm per modality too
@@ -373,12 +378,23 @@ class UnimmModel(UnimmPreTrainedModel):
             self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
-    def embed(self, input_ids, latents, timesteps, modality) -> torch.Tensor:
-        text_BLD = self.embed_tokens(input_ids)
-        if latents is None:
-            return text_BLD
-        vision_BLD = self.latent_proj(latents.to(text_BLD.dtype)) + self.time_embedding(timesteps)
-        return torch.where((modality == VISION)[..., None], vision_BLD, text_BLD)
+    def embed(self, input_ids, latents, timesteps, modality, understanding=None, understanding_latents=None):
+        """Text: token embedding; visual: ``latent_proj`` of the (noisy) latent plus its time
+        embedding; dual encoder: at ``understanding`` positions instead ``understanding_proj``
+        of ``understanding_latents`` alone (clean frames off the flow path: no time)."""
+        h_BLD = self.embed_tokens(input_ids)
+        dtype = h_BLD.dtype
+        if latents is not None:
+            vision_BLD = self.latent_proj(latents.to(dtype)) + self.time_embedding(timesteps)
+            h_BLD = torch.where((modality == VISION)[..., None], vision_BLD, h_BLD)
+        if understanding is None:
+            return h_BLD
+        if not hasattr(self, "understanding_proj"):
+            raise ValueError("understanding latents given to a model without understanding_proj (understanding_dim 0)")
+        if understanding_latents is None:
+            raise ValueError("an understanding mask needs its understanding_latents [B, L, understanding_dim]")
+        understanding_BLD = self.understanding_proj(understanding_latents.to(dtype))
+        return torch.where(understanding.bool()[..., None], understanding_BLD, h_BLD)
 
     def forward(
         self,
@@ -392,17 +408,21 @@ class UnimmModel(UnimmPreTrainedModel):
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        understanding: torch.Tensor | None = None,
+        understanding_latents: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, L]; for mixed rows also latents [B, L, latent_dim], timesteps [B, L]
-        (t of each visual position's frame) and modality [B, L] (0 text, 1 vision).
+        (t of each visual position's frame) and modality [B, L] (0 text, 1 vision); for a
+        dual-encoder model's understanding frames also ``understanding`` [B, L] (bool, True at
+        those visual positions) and ``understanding_latents`` [B, L, understanding_dim].
         attention_mask: a [B, L] padding mask (1 = token) for text, or a [B, 1, L, L] boolean
         mask such as ``hybrid_attention_mask(...)`` for mixed rows. position_ids default to
         0, 1, ... per row (pass per-document positions for packed rows). The cache is taken
         as ``cache`` or ``past_key_values`` (see CACHE_NAME)."""
         cache = either_cache(cache, past_key_values)
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, latents, timesteps, modality)
+            inputs_embeds = self.embed(input_ids, latents, timesteps, modality, understanding, understanding_latents)
         h_BLD = inputs_embeds
         B, L, _ = h_BLD.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -506,10 +526,14 @@ class UnimmForCausalLM(UnimmPreTrainedModel, GenerationMixin):
         modality: torch.LongTensor,
         attention_mask: torch.Tensor,
         position_ids: torch.LongTensor | None = None,
+        understanding_latents: torch.Tensor | None = None,
+        understanding: torch.Tensor | None = None,
     ) -> UnimmFlowOutput:
         """A mixed row (text tokens and noisy latent patches at flow time t) under a [B, 1, L, L]
         mask such as ``hybrid_attention_mask(document_ids, frame_ids)``; see UnimmModel.forward
-        for the shapes."""
+        for the shapes. Dual encoder: ``understanding`` [B, L] marks the visual positions of
+        understanding (I->T) frames, read from ``understanding_latents`` [B, L, understanding_dim]
+        (their ``latents`` and ``timesteps`` are not used; the flow there predicts nothing)."""
         h_BLD = self.model(
             input_ids=input_ids,
             latents=latents,
@@ -518,5 +542,7 @@ class UnimmForCausalLM(UnimmPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            understanding=understanding,
+            understanding_latents=understanding_latents,
         ).last_hidden_state
         return UnimmFlowOutput(logits=self.lm_head(h_BLD), flow=self.flow_head(h_BLD))

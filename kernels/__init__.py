@@ -10,6 +10,11 @@ Backends, picked by name:
   "torch_grouped_mm"  torch._grouped_mm (CUDA and CPU)
   "loop"              one matmul per expert (reference.py; the correctness oracle)
 
+Each backend runs as torch.library custom ops (`unimm::grouped_mm`, `unimm::grouped_mm_input_grad`,
+`unimm::grouped_mm_weight_grad`; GROUPED_GEMM_OPS) with fake impls and registered autograd:
+torch.compile(fullgraph=True) traces them by shape, never into a kernel or a host read, and
+selective activation checkpointing can save a GEMM's output as one op.
+
 `offsets[-1] == rows` is the caller's contract and is not checked: checking it would need a host
 sync, which the triton and torch_grouped_mm paths exist to avoid.
 """
@@ -19,42 +24,134 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .grouped_gemm import grouped_mm_triton
-from .reference import grouped_mm_loop
+from .grouped_gemm import triton_forward, triton_input_grad, triton_weight_grad
+from .reference import grouped_mm_loop, grouped_mm_loop_weight_grad
 
 BACKENDS = ("triton", "torch_grouped_mm", "loop")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["BACKENDS", "grouped_mm", "swiglu_experts"]
+__all__ = ["BACKENDS", "GROUPED_GEMM_OPS", "grouped_mm", "swiglu_experts"]
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    torch._grouped_mm's backward rejects gradients with zero strides, such as the expanded ones
-    that `y.sum().backward()` produces.
-    """
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy.contiguous()
+def _pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -t.shape[-1] % multiple
+    return F.pad(t, (0, pad)) if pad else t
 
 
+# torch._grouped_mm wants every operand stride to be a multiple of 16 bytes. The model's widths
+# are, but small test shapes are not: zero-pad K and N (exact), slice the result back.
 def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    # torch._grouped_mm wants every operand stride to be a multiple of 16 bytes. The model's
-    # widths are, but small test shapes are not: zero-pad K and N (exact, and differentiable).
     align = 16 // x.element_size()
-    k, n = w.shape[1], w.shape[2]
-    pad_k, pad_n = -k % align, -n % align
-    if pad_k or pad_n:
-        x = F.pad(x, (0, pad_k))
-        w = F.pad(w, (0, pad_n, 0, pad_k))
-    y = _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offsets))
-    return y[:, :n] if pad_n else y
+    n = w.shape[2]
+    x = _pad_cols(x, align)
+    w = _pad_cols(F.pad(w, (0, 0, 0, x.shape[1] - w.shape[1])), align)
+    return torch._grouped_mm(x, w, offs=offsets)[:, :n]
+
+
+def _grouped_mm_torch_weight_grad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    # dw[e] = x_e^T @ dy_e: torch._grouped_mm's 2d x 2d form, grouped along the shared T.
+    align = 16 // x.element_size()
+    k, n = x.shape[1], dy.shape[1]
+    x, dy = _pad_cols(x, align), _pad_cols(dy, align)
+    return torch._grouped_mm(x.t(), dy, offs=offsets)[:, :k, :n]
+
+
+def _rows(x: torch.Tensor, gather_idx: torch.Tensor | None) -> torch.Tensor:
+    return x if gather_idx is None else x[gather_idx]
+
+
+# The backends run as torch.library custom ops: one opaque op for the forward and one for each
+# gradient. torch.compile(fullgraph=True) traces them through their fake (shape-only) impls
+# instead of into the kernels (the loop backend's host read, a Triton launch); selective
+# activation checkpointing sees each GEMM as one op it can save (GROUPED_GEMM_OPS).
+
+
+@torch.library.custom_op("unimm::grouped_mm", mutates_args=())
+def _grouped_mm_op(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    if backend == "triton":
+        return triton_forward(x, w, offsets, gather_idx)
+    x = _rows(x, gather_idx)  # only the Triton kernel fuses the gather into its loads
+    if backend == "torch_grouped_mm":
+        return _grouped_mm_torch(x, w, offsets).contiguous()
+    return grouped_mm_loop(x, w, offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offsets, gather_idx, backend):
+    rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
+    return x.new_empty((rows, w.shape[2]))
+
+
+@torch.library.custom_op("unimm::grouped_mm_input_grad", mutates_args=())
+def _input_grad_op(
+    dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None,
+    x_rows: int, backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        return triton_input_grad(dy, w, offsets, gather_idx, x_rows)
+    w_t = w.transpose(1, 2)
+    if backend == "torch_grouped_mm":
+        dx = _grouped_mm_torch(dy, w_t, offsets)
+    else:
+        dx = grouped_mm_loop(dy, w_t, offsets)
+    if gather_idx is None:
+        return dx.contiguous()
+    # A token read by k rows gets k contributions: sum them in fp32.
+    summed = torch.zeros((x_rows, dx.shape[1]), device=dx.device, dtype=torch.float32)
+    return summed.index_add_(0, gather_idx, dx.float()).to(dy.dtype)
+
+
+@_input_grad_op.register_fake
+def _(dy, w, offsets, gather_idx, x_rows, backend):
+    return dy.new_empty((x_rows, w.shape[1]))
+
+
+@torch.library.custom_op("unimm::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(
+    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    if backend == "triton":
+        return triton_weight_grad(x, dy, offsets, gather_idx)
+    x = _rows(x, gather_idx)
+    if backend == "torch_grouped_mm":
+        return _grouped_mm_torch_weight_grad(x, dy, offsets).contiguous()
+    return grouped_mm_loop_weight_grad(x, dy, offsets)
+
+
+@_weight_grad_op.register_fake
+def _(x, dy, offsets, gather_idx, backend):
+    return x.new_empty((offsets.shape[0], x.shape[1], dy.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offsets, gather_idx, backend = inputs
+    ctx.save_for_backward(x, w, offsets, gather_idx)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, w, offsets, gather_idx = ctx.saved_tensors
+    # contiguous: `y.sum().backward()` hands in an expanded (zero-stride) gradient.
+    dy = dy.to(x.dtype).contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _input_grad_op(dy, w, offsets, gather_idx, x.shape[0], ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = _weight_grad_op(x, dy, offsets, gather_idx, ctx.backend).to(w.dtype)
+    return dx, dw, None, None, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+GROUPED_GEMM_OPS = (
+    torch.ops.unimm.grouped_mm.default,
+    torch.ops.unimm.grouped_mm_input_grad.default,
+    torch.ops.unimm.grouped_mm_weight_grad.default,
+)
+"""The engine's custom ops. Selective activation checkpointing saves the forward's output
+(``unimm.titan.parallelize``); the gradient ops run in backward only."""
 
 
 def _check_backend(backend: str) -> None:
@@ -108,13 +205,7 @@ def grouped_mm(
     """
     _check_backend(backend)
     _check_grouped_mm_args(x, w, offsets, gather_idx)
-    if backend == "triton":
-        return grouped_mm_triton(x, w, offsets, gather_idx)
-    if gather_idx is not None:
-        x = x[gather_idx]  # only the Triton kernel fuses the gather into its loads
-    if backend == "torch_grouped_mm":
-        return _grouped_mm_torch(x, w, offsets)
-    return grouped_mm_loop(x, w, offsets)
+    return _grouped_mm_op(x, w, offsets, gather_idx, backend)
 
 
 def swiglu_experts(

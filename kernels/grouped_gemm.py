@@ -15,6 +15,10 @@ programs find an empty row range and return at once. The weight-gradient kernel 
 per (expert, K-tile, N-tile) and loops over that expert's rows; an empty expert stores zeros.
 Operands are loaded in their dtype and accumulated in fp32.
 
+Autograd. These are plain functions; `unimm.kernels` registers the forward and both gradients
+as `torch.library` custom ops (one opaque op each for torch.compile and for selective activation
+checkpointing) and wires their autograd.
+
 Fusion. With `gather_idx`, row i of the GEMM reads x[gather_idx[i]]: the router's token
 permutation is folded into the loads of the forward and of the weight gradient, so the [T, K]
 permuted copy of the activations (top-k times the layer input: 16x for the fine-grained layers) is
@@ -241,37 +245,35 @@ def _weight_grad(
     return dw
 
 
-class GroupedMM(torch.autograd.Function):
-    """Differentiable y = rows(x) @ w[e] per expert; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, w, offsets, gather_idx):
-        _check_device(x)
-        num_rows = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
-        tiles = _tile_table(offsets, num_rows, _config(x.dtype).block_m)
-        y = _row_tiled_mm(x, w, tiles, gather_idx, num_rows)
-        ctx.save_for_backward(x, w, offsets, gather_idx, tiles)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, offsets, gather_idx, tiles = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            # Same rows and experts as the forward, so the forward's tile table is reused.
-            dx = _row_tiled_mm(dy, w.transpose(1, 2), tiles, None, dy.shape[0])
-            if gather_idx is not None:
-                summed = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-                dx = summed.index_add_(0, gather_idx, dx.float()).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _weight_grad(x, dy, offsets, gather_idx, w.dtype)
-        return dx, dw, None, None
-
-
-def grouped_mm_triton(
-    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-    gather_idx: torch.Tensor | None = None,
+def triton_forward(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None
 ) -> torch.Tensor:
-    """Triton grouped GEMM with autograd. Arguments as in `unimm.kernels.grouped_mm`."""
-    return GroupedMM.apply(x, w, offsets, gather_idx)
+    """y[i] = rows(x)[i] @ w[expert of row i]. Arguments as in `unimm.kernels.grouped_mm`."""
+    _check_device(x)
+    num_rows = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
+    tiles = _tile_table(offsets, num_rows, _config(x.dtype).block_m)
+    return _row_tiled_mm(x, w, tiles, gather_idx, num_rows)
+
+
+def triton_input_grad(
+    dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None,
+    x_rows: int,
+) -> torch.Tensor:
+    """dx of `triton_forward`: dy_e @ w[e]^T, summed back onto x's rows through gather_idx."""
+    _check_device(dy)
+    # Same rows and experts as the forward: the tile table is rebuilt on the device (E-sized
+    # ops), so the forward keeps nothing but its inputs for backward.
+    tiles = _tile_table(offsets, dy.shape[0], _config(dy.dtype).block_m)
+    dx = _row_tiled_mm(dy, w.transpose(1, 2), tiles, None, dy.shape[0])
+    if gather_idx is not None:
+        summed = torch.zeros((x_rows, dx.shape[1]), device=dx.device, dtype=torch.float32)
+        dx = summed.index_add_(0, gather_idx, dx.float()).to(dy.dtype)
+    return dx
+
+
+def triton_weight_grad(
+    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """dw of `triton_forward`: rows(x, e)^T @ dy_e per expert, zero for an empty expert."""
+    _check_device(x)
+    return _weight_grad(x, dy, offsets, gather_idx, x.dtype)

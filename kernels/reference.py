@@ -22,3 +22,10 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
     # unbind, not w[g]: the backward of E separate w[g] would write E full-size [E, K, N] zero
     # gradients (quadratic in E, seconds at E = 1008); unbind's backward is one stack.
     return torch.cat([x[s:e] @ w_e for w_e, s, e in zip(w.unbind(0), starts, ends)])
+
+
+def grouped_mm_loop_weight_grad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e] (zero for an empty expert): [E, K, N]."""
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, ends)])

@@ -182,12 +182,17 @@ class MoE(Module):
         x_TD = x_BLD.reshape(B * L, D)
         valid_T = None if valid_BL is None else valid_BL.reshape(-1)
         experts_Tk, weights_Tk, aux = self.route(x_TD, modality_BL.reshape(-1), valid_T)
-        counts_E = torch.bincount(experts_Tk.flatten(), minlength=self.config.num_experts)
-        with torch.no_grad():
-            if valid_T is None:
-                self.tokens_per_expert += counts_E
-            else:
-                self.tokens_per_expert += torch.bincount(experts_Tk[valid_T].flatten(), minlength=self.config.num_experts)
+        counts_E = count_per_expert(experts_Tk, self.config.num_experts)
+        # In place (add_, not +=, which would rebind the attribute: a side effect that compile
+        # rejects inside activation checkpointing), and only outside backward: eager activation
+        # checkpointing re-runs this forward in backward, which would count every token twice.
+        # Compiled, the buffer update is the forward graph's epilogue and is never re-run.
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+            with torch.no_grad():
+                if valid_T is None:
+                    self.tokens_per_expert.add_(counts_E)
+                else:
+                    self.tokens_per_expert.add_(count_per_expert(experts_Tk, self.config.num_experts, valid_T))
         backend = expert_backend(self.config.backend, x_TD)
         if self.dispatcher is None:
             out_TD = run_experts(self.experts, x_TD, experts_Tk, weights_Tk, backend)
@@ -206,6 +211,22 @@ class MoE(Module):
         return inactive_experts * self.experts.params_per_expert()
 
 
+def count_per_expert(
+    experts_Tk: torch.Tensor, num_experts: int, valid_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Routing slots per expert, int64 [num_experts]; with ``valid_T``, of the valid tokens only.
+
+    A scatter-add into a fixed-size tensor, not ``bincount`` (whose output size depends on the
+    data) nor boolean indexing: static shapes and no host sync, so the layer compiles with
+    ``fullgraph=True`` (torchtitan's MoE counts with static-shape ops for the same reason)."""
+    flat = experts_Tk.flatten()
+    if valid_T is None:
+        ones = torch.ones_like(flat)
+    else:
+        ones = valid_T[:, None].expand_as(experts_Tk).flatten().to(flat.dtype)
+    return torch.zeros(num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, ones)
+
+
 def run_experts(
     experts: ExpertWeights,
     x_TD: torch.Tensor,
@@ -218,8 +239,7 @@ def run_experts(
     flat_experts = experts_Tk.flatten()
     order = torch.argsort(flat_experts, stable=True)
     token_of_pair = order // k
-    counts = torch.bincount(flat_experts, minlength=experts.num_experts)
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    offsets = torch.cumsum(count_per_expert(experts_Tk, experts.num_experts), 0).to(torch.int32)
     y_AD = swiglu_experts(x_TD, *experts.local(), offsets, backend=backend, gather_idx=token_of_pair)
     y_AD = y_AD * weights_Tk.flatten()[order, None].to(y_AD.dtype)
     return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_AD)

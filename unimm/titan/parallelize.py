@@ -8,14 +8,40 @@ expert weights on their own placement (and, with expert parallelism, the expert-
 
 from __future__ import annotations
 
+import torch
 from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, ParallelismConfig, TrainingConfig
 from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import ActivationCheckpointing, SelectiveAC
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
+from unimm.kernels import GROUPED_GEMM_OPS
 from unimm.model.moe import MoE
 from unimm.model.transformer import UnimmModel
 from unimm.titan.compat import force_sum_reduction_on_gloo
+
+
+# Ops whose outputs selective activation checkpointing saves on top of torchtitan's default list
+# (aten matmuls, SDPA, topk, ...): the expert engine's grouped GEMMs (torch.library custom ops,
+# which torchtitan's list cannot know) and FlexAttention (already in torchtitan's list; named
+# here so that this is the one place to read what unimm saves).
+SAC_SAVE_OPS = frozenset({*GROUPED_GEMM_OPS, torch._higher_order_ops.flex_attention})
+
+
+class UnimmSelectiveAC(SelectiveAC):
+    """torchtitan's per-op selective AC with the grouped GEMMs and FlexAttention saved, so the
+    backward's recomputation of a block never re-runs them."""
+
+    def get_save_ops(self) -> set:
+        return super().get_save_ops() | SAC_SAVE_OPS
+
+
+def build_activation_checkpointing(ac_config, dump_folder: str = "") -> ActivationCheckpointing:
+    """The policy of ``--activation_checkpoint`` (``full``, ``selective``, ``memory-budget``;
+    ``none`` is no config): torchtitan's, with unimm's save list for ``selective``."""
+    if type(ac_config) is SelectiveAC.Config:
+        return UnimmSelectiveAC(ac_config, dump_folder=dump_folder)
+    return ac_config.build(dump_folder=dump_folder)
 
 
 def parallelize_unimm(
@@ -51,7 +77,7 @@ def parallelize_unimm(
         for moe in routed:
             moe.enable_expert_parallel(ep_mesh)
     if ac_config is not None:
-        ac_config.build(dump_folder=dump_folder).apply(model)
+        build_activation_checkpointing(ac_config, dump_folder).apply(model)
     if compile_config.enable and "model" in compile_config.components:
         apply_compile(model, compile_config=compile_config, parallel_dims=parallel_dims)
 

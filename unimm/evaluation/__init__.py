@@ -1,0 +1,1 @@
+"""Evaluation: exact pixel scorers for the procedural prompts and the MoE routing analysis."""

@@ -59,7 +59,8 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(call install_torch,$(LATEST)/bin/python)
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,hf]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST)/torch-pin.txt  # an upgrade must not swap in a CUDA build
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[test,hf]"
 	$(LATEST)/bin/python tools/lock_drift.py $(LOCK) $(LATEST)/bin/python
 	$(LATEST)/bin/python -m pytest -q
 

@@ -51,3 +51,14 @@ def test_losses_fall(tmp_path, data_cache):
     assert mean(flow, last) < 0.9 * mean(flow, first)
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "checkpoint" / "step-40").is_dir()
+    # perf/* metrics (unimm.titan.step_metrics) on every logged row; CPU: no MFU, never a guessed peak
+    from unimm.titan.metrics_jsonl import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows
+    for row in rows:
+        assert row["perf/mfu"] is None and row["mfu_pct"] is None, row["step"]
+        assert row["perf/tokens_per_s_per_device"] == row["tokens_per_s_per_device"] > 0
+        assert row["perf/flops_per_token"] > 0 and row["perf/peak_memory_gib"] > 0
+        assert row["perf/data_wait_s"] >= 0 and 0 <= row["perf/data_wait_share"] <= 1
+        assert 0 <= row["perf/mask_build_s"] < row["step_time_s"]

@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     params.set_defaults(func=_params, takes_overrides=True)
 
     from unimm.convert.cli import register as register_convert
+    from unimm.plan_memory import register as register_plan_memory
     from unimm.sampling_cli import register as register_sample
     from unimm.scaling.cli import register as register_isoflop
 
-    for register in (register_isoflop, register_convert, register_sample):
+    for register in (register_isoflop, register_convert, register_sample, register_plan_memory):
         register(verbs)
     return parser
 

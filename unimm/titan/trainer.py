@@ -8,6 +8,8 @@ and the loss has two normalised parts that are logged separately.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +20,13 @@ from torchtitan.trainer import Trainer
 
 from unimm.data.batch import IGNORE_INDEX, PROVENANCE_KEY, UNDERSTANDING_KEYS, padding_mask
 from unimm.data.loader import MultimodalDataLoader
+from unimm.flops import model_flops
 from unimm.flow import frame_noise, interpolate
 from unimm.losses import TransfusionLoss
 from unimm.masks import build_attention_mask
 from unimm.model.moe import moe_layers, update_expert_biases
-from unimm.titan import compat
+from unimm.model.params import meta_model
+from unimm.titan import compat, step_metrics
 from unimm.titan.checkpoint import UnimmCheckpointManager
 from unimm.titan.metrics_jsonl import ExpertLoadLog, JsonlLogger, drop_rows_after
 from unimm.titan.nonfinite import NonFiniteGuard, SkippedStep, samples_of
@@ -63,6 +67,11 @@ class UnimmTrainer(Trainer):
             config.max_consecutive_nonfinite_steps, self._run_logs[2] if rank0 else None
         )
         self.mask_backend = model_config.mask_backend(self.device)
+        # perf/* metrics (unimm.titan.step_metrics): exact FLOPs per position of each part,
+        # counted once on a meta-device copy; the device's peak (None on CPU: no MFU)
+        self._model_flops = model_flops(meta_model(model_config))
+        self._peak_flops = step_metrics.peak_flops(self.device)
+        self._mask_build_s = 0.0  # host time in build_attention_mask since the last log
         self.flow_shift = config.loss.flow.shift_factor(self.dataloader.manifest.tokens_per_frame, model_config.latent_dim)
         ffn = model_config.ffn
         self.moe_config = ffn.moe if ffn.kind == "moe" else None
@@ -142,7 +151,9 @@ class UnimmTrainer(Trainer):
         batch = {k: v.to(self.device) for k, v in input_dict.items()}
         labels = labels.to(self.device)
         self.ntokens_seen += labels.numel()
+        mask_start = time.perf_counter()  # host-side time: on CUDA the kernels run async
         mask = build_attention_mask(batch["document_ids"], batch["frame_ids"], self.mask_backend)
+        self._mask_build_s += time.perf_counter() - mask_start
         latents, denoise = batch["latents"].float(), batch["denoise"]
         t_BL, eps = frame_noise(
             latents, batch["frame_ids"], denoise, self.flow_shift,
@@ -246,6 +257,37 @@ class UnimmTrainer(Trainer):
 
     # -- one optimiser step ---------------------------------------------------------------
 
+    def _perf_metrics(self, microbatches) -> dict[str, float]:
+        """perf/* of the log window ending now (unimm.titan.step_metrics), and torchtitan's
+        own throughput(tps), tflops and mfu(%) recomputed from the same numbers: FLOPs from
+        the logged step's measured position mix instead of TYPICAL_MIX, and no MFU (NaN, null
+        in metrics.jsonl) where the device's peak is unknown instead of A100's on CPU. Host
+        counters and CPU batches only: no device sync."""
+        processor = self.metrics_processor
+        flops = step_metrics.flops_per_token(self._model_flops, microbatches)
+        perf = step_metrics.window_metrics(
+            tokens=processor.ntokens_since_last_log,
+            window_s=time.perf_counter() - processor.time_last_log,
+            # torchtitan's batch_generator times every next(data_iterator), read-ahead included
+            steps=len(processor.data_loading_times) // self.gradient_accumulation_steps,
+            data_wait_s=sum(processor.data_loading_times),
+            mask_build_s=self._mask_build_s,
+            flops_per_token=flops,
+            peak=self._peak_flops,
+            memory_gib=step_metrics.peak_memory_gib(self.device),
+            non_data_parallel_size=processor.parallel_dims.non_data_parallel_size,
+        )
+        self._mask_build_s = 0.0
+        processor.num_flops_per_token = max(1, round(flops))  # torchtitan's console line
+        tps, mfu = perf["perf/tokens_per_s_per_device"], perf["perf/mfu"]
+        torchtitan_keys = {
+            "throughput(tps)": tps,
+            "tflops": flops * tps / 1e12,
+            "mfu(%)": math.nan if mfu is None else 100 * mfu,
+        }
+        # None -> NaN: TensorBoard's add_scalar takes NaN; JsonlLogger writes NaN as null
+        return {**torchtitan_keys, **{k: math.nan if v is None else v for k, v in perf.items()}}
+
     def train_step(self, data_iterator):
         self.optimizers.zero_grad()
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
@@ -289,6 +331,7 @@ class UnimmTrainer(Trainer):
 
         if not logging:
             return
+        perf = self._perf_metrics(microbatches)
         self.metrics_processor.log(
             self.step,
             loss,
@@ -303,5 +346,6 @@ class UnimmTrainer(Trainer):
                 **{f"data/{k}": v for k, v in self.dataloader.stats().items()},
                 **self._moe_metrics(expert_loads, balance),
                 **self.loss_fn.metrics(),
+                **perf,
             },
         )

@@ -52,7 +52,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=["debug", "debug_modality", "debug_moe"])
+@pytest.fixture(scope="module", params=["debug", "debug_modality", "debug_moe", "debug_mot"])
 def tiny_start(request, tmp_path_factory) -> Start:
     weights = starting_weights(FLAVORS[request.param]())
     for name, tensor in weights.items():

@@ -112,24 +112,30 @@ class UnimmAttention(nn.Module):
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         dim = config.hidden_size
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_proj = self.projection(dim, self.n_heads * self.head_dim)
+        self.k_proj = self.projection(dim, self.n_kv_heads * self.head_dim)
+        self.v_proj = self.projection(dim, self.n_kv_heads * self.head_dim)
+        self.o_proj = self.projection(self.n_heads * self.head_dim, dim)
 
-    def forward(self, x_BLD, cos, sin, mask_for_keys, cache: Cache | None, cache_position) -> torch.Tensor:
+    def projection(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def project(self, proj: nn.Module, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        return proj(x_BLD)
+
+    def forward(self, x_BLD, modality_BL, cos, sin, mask_for_keys, cache: Cache | None, cache_position) -> torch.Tensor:
         """mask_for_keys(kv_len): the [B or 1, 1, L, kv_len] mask for the keys the cache returns."""
         B, L, _ = x_BLD.shape
-        q = self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.project(self.q_proj, x_BLD, modality_BL).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.project(self.k_proj, x_BLD, modality_BL).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.project(self.v_proj, x_BLD, modality_BL).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # transformers < 5 writes a static cache at cache_kwargs["cache_position"] (slot 0
             # without it); 5.x counts for itself and ignores the extra argument.
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
         out_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_for_keys(k.shape[-2]), enable_gqa=True)
-        return self.o_proj(out_BHLK.transpose(1, 2).reshape(B, L, -1))
+        return self.project(self.o_proj, out_BHLK.transpose(1, 2).reshape(B, L, -1), modality_BL)
 
 
 class UnimmMLP(nn.Module):
@@ -238,7 +244,9 @@ class UnimmDecoderLayer(nn.Module):
         self.mlp = MLP_CLASSES[config.ffn_kind](config)
 
     def forward(self, h_BLD, modality_BL, cos, sin, mask_for_keys, cache, cache_position) -> torch.Tensor:
-        h_BLD = h_BLD + self.self_attn(self.input_layernorm(h_BLD), cos, sin, mask_for_keys, cache, cache_position)
+        h_BLD = h_BLD + self.self_attn(
+            self.input_layernorm(h_BLD), modality_BL, cos, sin, mask_for_keys, cache, cache_position
+        )
         return h_BLD + self.mlp(self.post_attention_layernorm(h_BLD), modality_BL)
 
 
@@ -275,31 +283,14 @@ class UnimmModalityLinear(nn.Module):
         return out
 
 
-class UnimmMoTAttention(nn.Module):
+class UnimmMoTAttention(UnimmAttention):
     """UnimmAttention with each position's q, k, v and o projections its modality's."""
 
-    def __init__(self, config: UnimmConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        dim = config.hidden_size
-        self.q_proj = UnimmModalityLinear(dim, self.n_heads * self.head_dim)
-        self.k_proj = UnimmModalityLinear(dim, self.n_kv_heads * self.head_dim)
-        self.v_proj = UnimmModalityLinear(dim, self.n_kv_heads * self.head_dim)
-        self.o_proj = UnimmModalityLinear(self.n_heads * self.head_dim, dim)
+    def projection(self, in_features: int, out_features: int) -> nn.Module:
+        return UnimmModalityLinear(in_features, out_features)
 
-    def forward(self, x_BLD, modality_BL, cos, sin, mask_for_keys, cache: Cache | None, cache_position) -> torch.Tensor:
-        # The attention and its cache exactly as UnimmAttention.forward; only the projections differ.
-        B, L, _ = x_BLD.shape
-        q = self.q_proj(x_BLD, modality_BL).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BLD, modality_BL).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BLD, modality_BL).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
-        out_BHLK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_for_keys(k.shape[-2]), enable_gqa=True)
-        return self.o_proj(out_BHLK.transpose(1, 2).reshape(B, L, -1), modality_BL)
+    def project(self, proj: nn.Module, x_BLD: torch.Tensor, modality_BL: torch.Tensor) -> torch.Tensor:
+        return proj(x_BLD, modality_BL)
 
 
 class UnimmMoTDecoderLayer(nn.Module):

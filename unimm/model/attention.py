@@ -29,19 +29,22 @@ def attend(q_BHLK, k_BHLK, v_BHLK, mask: AttentionMask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLK, attn_mask=mask, enable_gqa=True)
 
 
+def head_dim(dim: int, n_heads: int, n_kv_heads: int) -> int:
+    """The width of one head of a grouped-query attention; a ValueError if the sizes do not split."""
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise ValueError(f"dim ({dim}) must divide by n_heads ({n_heads}) and n_heads by n_kv_heads ({n_kv_heads})")
+    return dim // n_heads
+
+
 class Attention(Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, init_std: float):
         super().__init__()
-        if dim % n_heads or n_heads % n_kv_heads:
-            raise ValueError(
-                f"dim ({dim}) must divide by n_heads ({n_heads}) and n_heads by n_kv_heads ({n_kv_heads})"
-            )
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        head_dim = dim // n_heads
-        self.wq = linear_init(dim, n_heads * head_dim, std=0.02)
-        self.wk = linear_init(dim, n_kv_heads * head_dim, std=0.02)
-        self.wv = linear_init(dim, n_kv_heads * head_dim, std=0.02)
-        self.wo = linear_init(n_heads * head_dim, dim, std=init_std)
+        head = head_dim(dim, n_heads, n_kv_heads)
+        self.wq = linear_init(dim, n_heads * head, std=0.02)
+        self.wk = linear_init(dim, n_kv_heads * head, std=0.02)
+        self.wv = linear_init(dim, n_kv_heads * head, std=0.02)
+        self.wo = linear_init(n_heads * head, dim, std=init_std)
 
     def forward(
         self,

@@ -38,7 +38,7 @@ from torchtitan.models.common.rope import ComplexRoPE
 from torchtitan.protocols.module import Module
 
 from unimm.masks import AttentionMask
-from unimm.model.attention import LayerKVCache, attend
+from unimm.model.attention import LayerKVCache, attend, head_dim
 from unimm.model.experts import ModalityRouting
 from unimm.model.ffn import ModalityFFN
 from unimm.model.init import depth_scaled_std
@@ -92,16 +92,12 @@ class ModalityAttention(Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, init_std: float, backend: str = "auto"):
         super().__init__()
-        if dim % n_heads or n_heads % n_kv_heads:
-            raise ValueError(
-                f"dim ({dim}) must divide by n_heads ({n_heads}) and n_heads by n_kv_heads ({n_kv_heads})"
-            )
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        head_dim = dim // n_heads
-        self.wq = ModalityLinear(dim, n_heads * head_dim, 0.02, backend)
-        self.wk = ModalityLinear(dim, n_kv_heads * head_dim, 0.02, backend)
-        self.wv = ModalityLinear(dim, n_kv_heads * head_dim, 0.02, backend)
-        self.wo = ModalityLinear(n_heads * head_dim, dim, init_std, backend)
+        head = head_dim(dim, n_heads, n_kv_heads)
+        self.wq = ModalityLinear(dim, n_heads * head, 0.02, backend)
+        self.wk = ModalityLinear(dim, n_kv_heads * head, 0.02, backend)
+        self.wv = ModalityLinear(dim, n_kv_heads * head, 0.02, backend)
+        self.wo = ModalityLinear(n_heads * head, dim, init_std, backend)
 
     def forward(
         self,

@@ -1,0 +1,78 @@
+"""tools/gpu_check.py: the GPU validation script, exercised on CPU in its dry mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+import gpu_check  # noqa: E402
+
+
+def _run(out: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), "--dry-run", *args],
+        capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "PYTHON": sys.executable},
+    )
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path):
+    result = _run(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["sections"]) == list(gpu_check.SECTIONS)
+    for name, section in report["sections"].items():
+        assert section["status"] == "ok", (name, section.get("error"))
+    sections = report["sections"]
+    parity = sections["kernel_parity"]["result"]
+    assert parity["passed"] and {c["name"] for c in parity["cases"]} == {"fine_g16", "e1008", "modality_e2", "skewed_empty"}
+    assert any(c["empty_experts"] > 0 for c in parity["cases"])
+    assert {r["backend"] for r in sections["kernel_timing"]["result"]["rows"]} == {"dense matmul", "triton", "torch_grouped_mm"}
+    assert sections["attention"]["result"]["parity"]["passed"]
+    for name in ("train_dense", "train_modality", "train_moe"):
+        metrics = sections[name]["result"]["metrics"]
+        assert metrics["last_step"] == 2 and "tokens_per_s_per_device" in metrics
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| field | value |" in md and "| device | cpu |" in md and "gpu_check.sh" in md
+    assert "## Kernel parity" in md and "## Training" in md
+
+
+def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path):
+    result = _run(tmp_path, "--sections", "kernel_parity,kernel_timing", "--fail-section", "kernel_parity")
+    assert result.returncode == 1  # not every section ok
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    failed, after = report["sections"]["kernel_parity"], report["sections"]["kernel_timing"]
+    assert failed["status"] == "error" and "injected failure" in failed["error"]
+    assert after["status"] == "ok"
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| kernel_parity | error |" in md and "| kernel_timing | ok |" in md
+
+
+def test_global_timeout_skips_the_rest(tmp_path):
+    report = {"environment": {}, "sections": {}}
+    args = gpu_check.parse_args([str(tmp_path), "--dry-run", "--timeout", "1", "--sections", "attention,train_dense"])
+    assert args.timeout == 1
+    rc = gpu_check.main([str(tmp_path), "--dry-run", "--timeout", "1", "--sections", "attention,train_dense"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 1
+    assert {s["status"] for s in report["sections"].values()} == {"skipped"}
+
+
+def test_summarize_metrics_tolerates_missing_keys(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0, "tokens_per_s_per_device": 10.0, "mfu_pct": None},
+            {"step": 2, "loss": 2.0, "tokens_per_s_per_device": 30.0, "perf/data_wait_s": 0.1, "data/rows": 4}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = gpu_check.summarize_metrics(path)
+    assert summary["last_step"] == 2
+    assert summary["tokens_per_s_per_device"]["median_after_first"] == 30.0
+    assert summary["perf/data_wait_s"]["last"] == 0.1
+    assert summary["mfu_pct"]["last"] is None
+    assert "data/rows" not in summary

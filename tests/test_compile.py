@@ -8,6 +8,10 @@ Tiny dims, CPU, ``aot_eager`` (the AOT autograd graphs, without Inductor's codeg
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -170,3 +174,15 @@ def test_checkpointed_block(kind, mode, compiled):
     if kind == "moe":
         valid_slots = (B * L - 3) * 2  # run_block pads 3 positions; top_k = 2
         assert model.layers["0"].feed_forward.tokens_per_expert.sum().item() == valid_slots
+
+
+def test_a_top_level_kernels_import_leaves_the_ops_alone():
+    # From the repository root this folder is also a top-level `kernels`, the name of Hugging
+    # Face's hub-kernels package, which transformers imports when it finds one; registering the
+    # custom ops a second time would hide them from the checkpointing policy's save list.
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import torch, unimm.kernels as k, kernels; from transformers import LlamaForCausalLM; "
+        "assert torch.ops.unimm.grouped_mm.default in k.GROUPED_GEMM_OPS"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)

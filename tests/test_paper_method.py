@@ -260,11 +260,13 @@ def test_default_loss_weights_are_one_and_three():
     pred, z0, eps = (torch.randn(3, C, generator=g) for _ in range(3))
     t = torch.rand(3, 1, generator=g)
     counts = torch.tensor([5.0, 3.0 * C, 0.0])
-    loss, parts = TransfusionLoss(config)(logits, labels, pred, z0, eps, t, counts, torch.tensor(0.0))
+    loss_fn = TransfusionLoss(config)
+    loss_lm, loss_flow = loss_fn.parts(logits, labels, pred, z0, eps, t, counts)
+    loss = loss_fn.combine(loss_lm, loss_flow, torch.tensor(0.0))
     lm = F.cross_entropy(logits, labels)
     flow = (pred - (z0 - eps)).pow(2).mean()
-    assert parts["loss_lm"].item() == pytest.approx(lm.item(), rel=1e-6)
-    assert parts["loss_flow"].item() == pytest.approx(flow.item(), rel=1e-6)
+    assert loss_lm.item() == pytest.approx(lm.item(), rel=1e-6)
+    assert loss_flow.item() == pytest.approx(flow.item(), rel=1e-6)
     assert loss.item() == pytest.approx(1.0 * lm.item() + 3.0 * flow.item(), rel=1e-6)
 
 

@@ -141,26 +141,6 @@ class TransfusionLoss(BaseLoss):
         w_lm, w_flow = weights if weights is not None else (self.config.lambda_lm, self.config.lambda_flow)
         return w_lm * loss_lm + w_flow * loss_flow + router_loss
 
-    def __call__(
-        self,
-        logits_NV: torch.Tensor,
-        text_labels_N: torch.Tensor,
-        flow_pred_MC: torch.Tensor,
-        z0_MC: torch.Tensor,
-        eps_MC: torch.Tensor,
-        t_M1: torch.Tensor,
-        global_counts: torch.Tensor,
-        router_loss: torch.Tensor,
-        weights: tuple[float, float] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``global_counts`` = [text targets, noised latent elements] in the global batch;
-        ``router_loss``: the MoE load-balancing term, already weighted and scaled to this
-        rank's share of the batch (zero without routed FFNs); ``weights``: (w_LM, w_flow)
-        in place of the lambdas (loss centering)."""
-        loss_lm, loss_flow = self.parts(logits_NV, text_labels_N, flow_pred_MC, z0_MC, eps_MC, t_M1, global_counts)
-        loss = self.combine(loss_lm, loss_flow, router_loss, weights)
-        return loss, {"loss_lm": loss_lm.detach(), "loss_flow": loss_flow.detach()}
-
     # torchtitan Stateful: the trainer registers the loss in its checkpoint when centering is on.
     def state_dict(self) -> dict[str, Any]:
         return self.centering.state_dict() if self.centering is not None else {}

@@ -10,8 +10,10 @@
 | flux_vae   | diffusers AutoencoderKL | 256           | 32 x 32 -> 16 x 16 | 64                     |
 
 Every encoder takes uint8 [B, S, S, 3] images at its `image_size` and returns float32
-[B, tokens_per_frame, latent_dim]; raw pixels and VAEs also `decode`. `EncoderSpec` is what a
-job records in its manifest and what worker processes rebuild the encoder from.
+[B, tokens_per_frame, latent_dim]; raw pixels and VAEs also `decode`, and so do the semantic
+encoders given an RAE decoder (``decoder``/``--decoder``: the folder `train_rae_decoder.py`
+writes; one trained for another encoder or width is refused). `EncoderSpec` is what a job
+records in its manifest and what worker processes and `unimm sample` rebuild the encoder from.
 
 A dual-encoder image-text job (paper §6.3's baseline) takes a second spec, the understanding
 encoder (``--understanding-encoder``, ``add_understanding_encoder_arguments``): SigLIP 2 at 224 px
@@ -27,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from unimm.data_pipelines import semantic, vae
+from unimm.data_pipelines import rae_decoder, semantic, vae
 from unimm.data_pipelines.raw_pixels import RawPixels
 from unimm.errors import ConfigError
 from unimm.tokenizer import Tokenizer
@@ -56,24 +58,44 @@ class EncoderSpec:
     patch: int = 14
     """raw_pixels only: patch side."""
 
+    decoder: str | None = None
+    """Semantic encoders only: folder of an RAE decoder for their latents (train_rae_decoder.py)."""
+
     def __post_init__(self) -> None:
         if self.name not in NAMES:
             raise ConfigError(f"unknown encoder {self.name!r}; known: {', '.join(NAMES)}")
         if self.name != "raw_pixels" and not self.path:
             raise ConfigError(f"encoder {self.name!r} needs the path of its local weights (--encoder-path)")
+        if self.decoder and self.name not in semantic.NAMES:
+            raise ConfigError(
+                f"--decoder {self.decoder}: an RAE decoder is for the semantic encoders ({', '.join(semantic.NAMES)}); "
+                f"{self.name!r} decodes its latents itself"
+            )
 
     @property
     def resolved_image_size(self) -> int:
         return self.image_size or _DEFAULT_IMAGE_SIZE[self.name]
 
     def describe(self) -> dict:
-        return {**asdict(self), "image_size": self.resolved_image_size}
+        description = {**asdict(self), "image_size": self.resolved_image_size}
+        if not self.decoder:  # absent, not null: descriptions written before decoders stay equal
+            del description["decoder"]
+        return description
+
+    def latent_identity(self) -> dict:
+        """What determines the latents: `describe()` without the decoder, which only reads them.
+
+        Jobs and mixtures compare this, so adding a decoder to a finished folder's job, or
+        mixing folders of which one names a decoder, is not a different encoder."""
+        return without_decoder(self.describe())
 
     def check_weights(self) -> None:
         """Raise a one-line ConfigError unless `path` looks like this encoder's weights folder.
 
         A cheap look at the file names (nothing is loaded), so a job can refuse a wrong
         --encoder-path before it writes anything."""
+        if self.decoder:
+            rae_decoder.check_decoder(self.decoder, encoder=self.name)
         if self.name == "raw_pixels":
             return
         library, weights = _WEIGHT_FILES["diffusers" if self.name in vae.NAMES else "transformers"]
@@ -117,6 +139,11 @@ _WEIGHT_FILES = {
 }
 
 
+def without_decoder(description: dict) -> dict:
+    """An encoder description (`EncoderSpec.describe`, as manifests store it) minus its decoder."""
+    return {k: v for k, v in description.items() if k != "decoder"}
+
+
 def load_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
     """The encoder `spec` names; a folder that is not its weights is a one-line ConfigError."""
     size = spec.resolved_image_size
@@ -124,6 +151,8 @@ def load_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
         return RawPixels(size, spec.patch)
     spec.check_weights()
     try:
+        if spec.name in semantic.NAMES and spec.decoder:
+            return semantic.DecodingSemanticEncoder(spec.name, spec.path, size, device, decoder=spec.decoder)
         if spec.name in semantic.NAMES:
             return semantic.SemanticEncoder(spec.name, spec.path, size, device)
         return vae.VaeEncoder(spec.name, spec.path, size, device)
@@ -148,6 +177,11 @@ def add_encoder_arguments(parser) -> None:
     parser.add_argument("--patch", type=int, default=14, help="raw_pixels patch side")
     parser.add_argument("--device", default="cpu", help="encoder device (cuda, cuda:1, ...)")
     parser.add_argument("--batch-size", type=int, default=32, help="frames per encoder call")
+    parser.add_argument(
+        "--decoder", default=None, metavar="DIR",
+        help="semantic encoders: RAE decoder folder (train_rae_decoder.py --out); recorded in the manifest, "
+        "so samples of the run decode to pixels",
+    )
 
 
 def add_understanding_encoder_arguments(parser) -> None:
@@ -183,7 +217,7 @@ def encoding_options(args) -> dict:
     """The keyword arguments every encoding job takes from its command line (encoder, tokenizer,
     processes, device, encoder batch), from ``add_job_arguments`` + ``add_encoder_arguments``."""
     return dict(
-        encoder=EncoderSpec(args.encoder, args.encoder_path, args.image_size, args.patch),
+        encoder=EncoderSpec(args.encoder, args.encoder_path, args.image_size, args.patch, args.decoder),
         tokenizer=Tokenizer.Config(path=args.tokenizer),
         workers=args.workers,
         device=args.device,

@@ -25,6 +25,7 @@ from typing import Any
 
 from unimm.data.latent_stats import ChannelStats
 from unimm.data.shards import MANIFEST_FORMAT
+from unimm.data_pipelines.encoders import without_decoder
 from unimm.data_pipelines.shard_job import LATENT_DTYPE, write_json
 from unimm.errors import ConfigError
 
@@ -40,11 +41,18 @@ def _read(folder: Path) -> dict[str, Any]:
 
 
 def _agree(parts: list[tuple[Path, dict]], key: str, what: str) -> Any:
-    values = {json.dumps(m[key], sort_keys=True): folder for folder, m in parts}
+    values = {json.dumps(_compared(key, m[key]), sort_keys=True): folder for folder, m in parts}
     if len(values) > 1:
         shown = "; ".join(f"{folder}: {v}" for v, folder in values.items())
         raise ConfigError(f"the folders disagree on the {what}: {shown}")
+    if key == "encoder":  # the same latents; keep a decoder if any folder names one
+        return next((m[key] for _, m in parts if (m[key] or {}).get("decoder")), parts[0][1][key] if parts else None)
     return parts[0][1][key] if parts else None
+
+
+def _compared(key: str, value: Any) -> Any:
+    # A decoder only reads latents: folders that differ by it alone hold the same latents.
+    return without_decoder(value) if key == "encoder" and isinstance(value, dict) else value
 
 
 def mix_manifests(out: str | Path, folders: list[str | Path]) -> Path:

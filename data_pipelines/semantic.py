@@ -5,8 +5,9 @@ Paper §3 / App. E.4: 224 px inputs, patch 14, last-layer features of the 16 x 1
 that are not patches (DINOv2's CLS and register tokens) are dropped. Weights come from a
 local folder in `save_pretrained` layout; nothing is downloaded.
 
-These encoders have no decoder here: mapping their latents back to pixels needs the RAE
-decoder (Zheng et al.), which is not part of `transformers`.
+Mapping their latents back to pixels needs the RAE decoder (Zheng et al.; `rae_decoder.py`,
+trained by `train_rae_decoder.py`): `DecodingSemanticEncoder` is an encoder given one, and only
+it has `decode` (a caller tells whether latents can be shown by looking for that method).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unimm.data_pipelines.rae_decoder import LatentSpace, load_decoder
 from unimm.errors import ConfigError
 
 # Pixel normalisation when the folder has no preprocessor_config.json.
@@ -77,3 +79,21 @@ class SemanticEncoder:
         if prefix < 0:
             raise RuntimeError(f"encoder {self.name!r} returned {hidden.shape[1]} tokens for a {self.grid}^2 grid")
         return hidden[:, prefix:].float().cpu().numpy()
+
+
+class DecodingSemanticEncoder(SemanticEncoder):
+    """A semantic encoder with the RAE decoder in folder `decoder`, checked against its latents."""
+
+    def __init__(self, name: str, path: str, image_size: int, device: str = "cpu", *, decoder: str) -> None:
+        super().__init__(name, path, image_size, device)
+        self.decoder = load_decoder(decoder, LatentSpace(name, self.latent_dim, self.tokens_per_frame), device)
+
+    @torch.no_grad()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """float [..., grid*grid, hidden] -> uint8 [..., S, S, 3], S the decoder's output size."""
+        x = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+        if x.ndim < 3 or x.shape[-2:] != (self.tokens_per_frame, self.latent_dim):
+            raise ValueError(f"expected [..., {self.tokens_per_frame}, {self.latent_dim}], got {list(x.shape)}")
+        pixels = self.decoder(x.reshape(-1, *x.shape[-2:]).to(self.device)).clamp(-1, 1)
+        images = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return images.reshape(*x.shape[:-2], *images.shape[1:])

@@ -373,14 +373,14 @@ def _identity(job: Job, tasks: list[ShardTask], tokenizer: Tokenizer) -> dict[st
         "source": job.source,
         "kind": job.kind,
         "directions": list(job.directions),
-        "encoder": None if job.encoder is None else job.encoder.describe(),
+        "encoder": None if job.encoder is None else job.encoder.latent_identity(),
         "tokenizer": tokenizer.fingerprint,
         "max_text_tokens": job.max_text_tokens,
         "settings": job.settings,
         "tasks": digest,
     }
     if job.understanding_encoder is not None:  # absent otherwise: folders written before it stay valid
-        identity["understanding_encoder"] = job.understanding_encoder.describe()
+        identity["understanding_encoder"] = job.understanding_encoder.latent_identity()
     return json.loads(json.dumps(identity, default=str))  # the form it has once read back
 
 

@@ -126,6 +126,29 @@ def test_collect_evaluates_a_real_run_and_reports_bad_ones(tmp_path, data_cache)
     assert rows[0].loss < 1.2 * math.log(261)
 
 
+def test_collect_heldout_sets_are_separate_and_can_come_from_folders(tmp_path, data_cache):
+    from unimm.data_pipelines import procedural
+    from unimm.data_pipelines.encoders import EncoderSpec
+    from unimm.data_pipelines.write_shards import write_procedural
+    from unimm.scaling.collect import heldout_data
+    from unimm.tokenizer import Tokenizer, build_tokenizer
+
+    held = tmp_path / "held"
+    write_procedural(held, {"text": 3}, encoder=EncoderSpec("raw_pixels", image_size=32, patch=8),
+                     tokenizer=Tokenizer.Config(), seed=7, progress=False)
+    config = load_recipe("debug_sweep", list(small_run_options(data_cache)))
+    data = heldout_data(config, HeldOut(batches=1, text=str(held), timesteps=2))
+    # text from the folder (all 3 of its documents), image-text generated: a batch of each
+    tk = build_tokenizer()
+    texts = [procedural.text_sample(i, 7)["text"] for i in range(3)]
+    assert [d.tokens.tolist() for d in data.text] == [[tk.bos_id, *tk.encode(t), tk.eos_id] for t in texts]
+    assert len(data.image_text) == config.training.local_batch_size
+    assert all(d.denoise.sum() == 16 and (d.modality[~d.denoise] == 0).all() for d in data.image_text)
+    on_shards = load_recipe("debug_sweep", [*small_run_options(data_cache), "--dataloader.shards", str(held)])
+    with pytest.raises(ConfigError, match="give held-out shards"):
+        heldout_data(on_shards, HeldOut())
+
+
 def synthetic_loss(run):
     """A Chinchilla-like L(N, D) whose IsoFLOP minima (N = 25k, 44k, 80k at C = 1e11, 3e11,
     1e12) fall inside the 16..48 grid (N = 12k .. 115k)."""

@@ -18,6 +18,7 @@ examples:
   unimm train --recipe debug_cpu --steps 600 --out runs/demo
   unimm params --recipe modality_ffn_2b3
   unimm sample --run runs/demo --recipe debug_cpu --prompt "a red circle"
+  unimm eval --run runs/demo --suite generation --suite captioning
   unimm convert to-hf --ckpt runs/demo/checkpoint/step-600 --out hf/demo
   unimm isoflop plan --help
 
@@ -124,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     params.set_defaults(func=_params, takes_overrides=True)
 
     from unimm.convert.cli import register as register_convert
+    from unimm.evaluation.cli import register as register_eval
     from unimm.plan_memory import register as register_plan_memory
     from unimm.sampling_cli import register as register_sample
     from unimm.scaling.cli import register as register_isoflop
 
-    for register in (register_isoflop, register_convert, register_sample, register_plan_memory):
+    for register in (register_isoflop, register_convert, register_sample, register_plan_memory, register_eval):
         register(verbs)
     return parser
 

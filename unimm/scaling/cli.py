@@ -120,16 +120,9 @@ def run_collect(args: argparse.Namespace) -> int:
     from unimm.scaling.collect import HeldOut, collect
     from unimm.scaling.plan import read_plan
 
-    heldout = HeldOut(
-        **_given(
-            args,
-            seed="heldout_seed",
-            shards="heldout_shards",
-            batches="eval_batches",
-            timesteps="timesteps",
-            noise_seed="noise_seed",
-        )
-    )
+    given = _given(args, seed="heldout_seed", batches="eval_batches", timesteps="timesteps", noise_seed="noise_seed")
+    text, image = args.heldout_text or args.heldout_shards, args.heldout_image or args.heldout_shards
+    heldout = HeldOut(**given, text=text or "", image=image or "")
     plan = read_plan(args.plan)
     results = collect(plan, args.plan.parent, heldout)
     csv_path = args.csv or args.plan.parent / "runs.csv"
@@ -252,7 +245,9 @@ def _add_collect(verbs: argparse._SubParsersAction) -> None:
     collect_.add_argument("--plan", type=Path, required=True, help="plan.json written by isoflop plan")
     collect_.add_argument("--csv", type=Path, help="output run table (default: runs.csv beside the plan)")
     collect_.add_argument("--heldout-seed", type=int, help="procedural_seed of the held-out split")
-    collect_.add_argument("--heldout-shards", help="held-out shard folder instead of a procedural split")
+    collect_.add_argument("--heldout-text", metavar="DIR", help="held-out text shards instead of a procedural split")
+    collect_.add_argument("--heldout-image", metavar="DIR", help="held-out image-text shards instead of a procedural split")
+    collect_.add_argument("--heldout-shards", metavar="DIR", help="one held-out shard folder holding both sets")
     collect_.add_argument("--eval-batches", type=int, help="batches per held-out set")
     collect_.add_argument("--timesteps", type=int, help="fixed flow times of the vision loss")
     collect_.add_argument("--noise-seed", type=int, help="seed of the fixed flow noise")

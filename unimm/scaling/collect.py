@@ -12,8 +12,9 @@ weights are loaded in this process on CPU, and two held-out losses are measured:
   is generated), averaged over fixed flow times t = (k + 1/2) / K, k < K, with fixed noise.
   Fixed t and noise take the timestep sampling out of the comparison between runs.
 
-The held-out sets are a different procedural split (``procedural_seed``) than training, or
-given shards, and are identical for every run with the same data settings. The table also
+The two sets are ``unimm.evaluation.heldout``'s (the evaluators of ``unimm eval``'s perplexity
+and diffusion suites), each a different procedural split (``seed``) than training or a given
+shard folder (``text``, ``image``), identical for every run with the same data settings. The table also
 carries the exact training FLOPs (``flops_exact``, :mod:`unimm.flops`, with the position mix
 measured on a training batch) beside ``flops`` = 6 N D, which the fits use.
 """
@@ -21,36 +22,38 @@ measured on a training batch) beside ``flops`` = 6 N D, which the fits use.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import torch
-import torch.distributed.checkpoint as dcp
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.distributed.checkpoint.api import CheckpointException
-
-from unimm.data.batch import IGNORE_INDEX
-from unimm.data.loader import Batch
+from unimm.data.sequences import Document
 from unimm.errors import ConfigError
+from unimm.evaluation.heldout import (
+    HeldOutSpec,
+    data_context,
+    diffusion_loss,
+    image_documents,
+    perplexity,
+    text_documents,
+)
+from unimm.evaluation.run import encode_images, generation_encoding, load_model
 from unimm.flops import PositionMix, measure_mix, model_flops
-from unimm.flow import FlowMatchingConfig, flow_loss_sum, interpolate
-from unimm.masks import build_attention_mask
 from unimm.model.params import meta_model
 from unimm.scaling.plan import PlannedRun, SweepPlan
 from unimm.scaling.table import Run
-from unimm.titan.launch import load_recipe
+from unimm.titan.launch import load_recipe, preflight
 from unimm.titan.metrics_jsonl import read_metrics
 
 
 @dataclass(frozen=True)
 class HeldOut:
     seed: int = 1
-    """``procedural_seed`` of the held-out split; must differ from the runs' training split."""
-    shards: str = ""
-    """A folder of held-out shards (manifest.json) instead of a procedural split."""
+    """Seed of the generated held-out split; must differ from the runs' ``procedural_seed``."""
+    text: str = ""
+    """A folder of held-out text shards (manifest.json) instead of a generated split."""
+    image: str = ""
+    """A folder of held-out image-text shards instead of a generated split."""
     batches: int = 8
     """Batches of the recipe's local batch size in each held-out set."""
     timesteps: int = 8
@@ -107,8 +110,9 @@ def final_checkpoint(run: PlannedRun, run_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class HeldOutData:
-    text: list[Batch]
-    image_text: list[Batch]
+    text: list[Document]
+    image_text: list[Document]
+    pad_id: int
     train_mix: PositionMix
     """Position mix of a training batch, for the exact FLOP count."""
 
@@ -124,23 +128,26 @@ class Evaluator:
 
     def evaluate(self, run: PlannedRun, recipe: str, run_dir: Path) -> RunResult:
         config = load_recipe(recipe, list(run.overrides))
-        data = self._data_for(config)
+        manifest = preflight(config)  # fits the model to its data, as the trainer does
+        data = self._data_for(config, manifest)
         checkpoint = final_checkpoint(run, run_dir)
         try:
             model = load_model(config.model_spec.model, checkpoint)
-        except (CheckpointException, RuntimeError, OSError) as error:  # unreadable or mismatched weights
+        except (ConfigError, RuntimeError, OSError) as error:  # unreadable or mismatched weights
             first_line = next(iter(str(error).splitlines()), type(error).__name__)
             return RunResult(run, "failed", f"could not load {checkpoint}: {first_line}")
-        heldout = self.heldout
-        language = text_loss(model, data.text)
-        vision = flow_loss(model, data.image_text, config.loss.flow, heldout.timesteps, heldout.noise_seed)
+        heldout, rows = self.heldout, config.training.local_batch_size
+        language = perplexity(model, data.text, data.pad_id, rows)["nll"]
+        vision = diffusion_loss(
+            model, data.image_text, config.loss.flow, data.pad_id, heldout.timesteps, heldout.noise_seed, rows
+        )["mean"]
         flops = model_flops(meta_model(config.model_spec.model)).per_token(data.train_mix, config.training.seq_len)
         result = RunResult(run, "ok", "", language, vision, flops.mean * run.tokens)
         if not (math.isfinite(language) and math.isfinite(vision)):
             return dataclasses.replace(result, status="diverged", note="held-out loss not finite")
         return result
 
-    def _data_for(self, config) -> HeldOutData:
+    def _data_for(self, config, manifest) -> HeldOutData:
         model, training = config.model_spec.model, config.training
         key = (
             repr(config.dataloader),
@@ -151,102 +158,42 @@ class Evaluator:
             model.vocab_size,
         )
         if key not in self._data:
-            self._data[key] = heldout_data(config, self.heldout)
+            self._data[key] = heldout_data(config, self.heldout, manifest)
         return self._data[key]
 
 
-def heldout_data(config, heldout: HeldOut) -> HeldOutData:
-    """The held-out text and image-text sets of a run's config, and its training position mix."""
-    seq_len, rows = config.training.seq_len, config.training.local_batch_size
-    tokenizer = config.tokenizer.build()
-    model = config.model_spec.model
-    # What the trainer copies from the model into the loader's config before building it.
-    train = dataclasses.replace(config.dataloader, latent_dim=model.latent_dim, vocab_size=model.vocab_size)
-    if heldout.shards:
-        held = dataclasses.replace(train, shards=heldout.shards)
-    elif train.shards:
-        raise ConfigError(f"runs train on shards ({train.shards}): give held-out shards (--heldout-shards)")
-    elif heldout.seed == train.procedural_seed:
-        raise ConfigError(f"held-out seed {heldout.seed} is the training split's procedural_seed")
-    else:
-        held = dataclasses.replace(train, procedural_seed=heldout.seed)
-
-    def batches(data, count: int, **changes) -> list[Batch]:
-        loader = dataclasses.replace(data, **changes).build(
-            dp_world_size=1, dp_rank=0, tokenizer=tokenizer, seq_len=seq_len, local_batch_size=rows
+def heldout_data(config, heldout: HeldOut, manifest=None) -> HeldOutData:
+    """The held-out text and image-text sets of a run's config (``unimm.evaluation.heldout``,
+    ``batches`` x the local batch size documents each), and its training position mix.
+    ``manifest``: the training data's (``preflight(config)``), read here when not given."""
+    if config.dataloader.shards and not (heldout.text and heldout.image):
+        raise ConfigError(
+            f"runs train on shards ({config.dataloader.shards}): give held-out shards (--heldout-text and "
+            "--heldout-image, or --heldout-shards for one folder holding both)"
         )
-        return list(itertools.islice(loader, count))
-
-    # Image-text pairs laid out caption first and never dropped: every image is generated
-    # from its caption, so all of its patches carry the flow loss.
-    held_out = {"p_understanding": 0.0, "cond_dropout": 0.0}
+    if manifest is None:
+        manifest = preflight(config)  # the training data's manifest: encoder and latent statistics
+    tokenizer = config.tokenizer.build()
+    encoder, normalizer = generation_encoding(config, manifest)
+    spec = HeldOutSpec(
+        seed=heldout.seed,
+        text_dir=heldout.text,
+        image_dir=heldout.image,
+        documents=heldout.batches * config.training.local_batch_size,
+        timesteps=heldout.timesteps,
+        noise_seed=heldout.noise_seed,
+    )
+    context = data_context(config, manifest, tokenizer, partial(encode_images, encoder, normalizer), encoder.image_size)
+    train = config.dataloader.build(
+        dp_world_size=1, dp_rank=0, tokenizer=tokenizer, seq_len=config.training.seq_len,
+        local_batch_size=config.training.local_batch_size,
+    )
     return HeldOutData(
-        text=batches(held, heldout.batches, source_weights={"text": 1.0}, **held_out),
-        image_text=batches(held, heldout.batches, source_weights={"image_text": 1.0}, **held_out),
-        train_mix=measure_mix(*batches(train, 1)[0]),
+        text=text_documents(spec, context),
+        image_text=image_documents(spec, context),
+        pad_id=tokenizer.pad_id,
+        train_mix=measure_mix(*next(iter(train))),
     )
-
-
-def load_model(model_config, checkpoint: Path) -> nn.Module:
-    """The model's weights from a torchtitan DCP checkpoint, in this process, on CPU."""
-    model = model_config.build()
-    state = model.state_dict()
-    # torchtitan stores the model's parameters under their own names at the top level of
-    # the checkpoint (beside optimizer, dataloader, ... entries, which are not read).
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    model.load_state_dict(state)
-    return model.eval()
-
-
-@torch.no_grad()
-def text_loss(model: nn.Module, batches: list[Batch]) -> float:
-    total, count = 0.0, 0
-    for inputs, labels in batches:
-        targets = labels != IGNORE_INDEX
-        t_BL = torch.ones(labels.shape)
-        logits, _ = _forward(model, inputs, inputs["latents"], t_BL, targets, torch.zeros_like(targets))
-        total += F.cross_entropy(logits.float(), labels[targets], reduction="sum").item()
-        count += int(targets.sum())
-    return total / count if count else math.nan
-
-
-@torch.no_grad()
-def flow_loss(
-    model: nn.Module, batches: list[Batch], flow: FlowMatchingConfig, timesteps: int, noise_seed: int
-) -> float:
-    """Mean over t = (k + 1/2) / timesteps of the flow loss with fixed noise per batch."""
-    noise = []
-    for b, (inputs, _) in enumerate(batches):
-        generator = torch.Generator().manual_seed(noise_seed * 1_000_003 + b)
-        noise.append(torch.randn(inputs["latents"].shape, generator=generator))
-    per_t = []
-    for k in range(timesteps):
-        t = (k + 0.5) / timesteps
-        total, count = 0.0, 0
-        for (inputs, labels), eps in zip(batches, noise, strict=True):
-            denoise, z0 = inputs["denoise"], inputs["latents"].float()
-            t_BL = torch.where(denoise, t, 1.0)
-            z_in = torch.where(denoise[..., None], interpolate(z0, eps, t_BL[..., None]), z0)
-            _, pred = _forward(model, inputs, z_in, t_BL, torch.zeros_like(denoise), denoise)
-            total += flow_loss_sum(pred, z0[denoise], eps[denoise], t_BL[denoise][:, None], flow).item()
-            count += int(denoise.sum()) * z0.shape[-1]
-        per_t.append(total / count if count else math.nan)
-    return sum(per_t) / len(per_t)
-
-
-def _forward(model, inputs, latents_BLC, t_BL, lm_positions_BL, flow_positions_BL):
-    mask = build_attention_mask(inputs["document_ids"], inputs["frame_ids"], "sdpa")
-    outputs = model(
-        inputs["tokens"],
-        latents_BLC,
-        t_BL,
-        inputs["modality"],
-        inputs["positions"],
-        mask,
-        lm_positions_BL,
-        flow_positions_BL,
-    )
-    return outputs[0], outputs[1]  # LM logits and flow predictions; any further output is a training aux
 
 
 def collect(plan: SweepPlan, sweep_dir: Path, heldout: HeldOut, log=print) -> list[RunResult]:

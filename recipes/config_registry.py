@@ -21,6 +21,7 @@ from unimm.flow import FlowMatchingConfig
 from unimm.losses import TransfusionLoss
 from unimm.titan.model_spec import model_registry
 from unimm.titan.model_size import DataFittedTrainer, SizedTrainer, fit_to_data, sized
+from unimm.titan.parallelize import UnimmTrainingConfig
 from unimm.titan.trainer import UnimmTrainer
 
 
@@ -95,21 +96,42 @@ def debug_cpu_dual_encoder() -> UnimmTrainer.Config:
     return config
 
 
+def _paper_layout(parallelism: ParallelismConfig, ffn) -> ParallelismConfig:
+    """The paper recipes' parallel layout, derived from the job they are launched in (torchrun's
+    WORLD_SIZE and LOCAL_WORLD_SIZE; unimm.titan.launch.job_shape). Dense, modality-FFN and MoT
+    models: HSDP, each node a replica sharded over its own GPUs (128 GPUs: 16 x 8), so the
+    parameter all-gathers stay on NVLink and only gradients cross nodes. MoE: FSDP over every
+    GPU with expert parallelism inside a node (64 GPUs: ep 8, experts sharded 8 x 8 over ep x
+    efsdp), since a node-local replica of E=1008 experts would not fit. Any
+    --parallelism.* option given on the command line wins."""
+    from unimm.titan.launch import expert_parallel_degree, hsdp_degrees, job_shape
+
+    shape = job_shape()
+    if ffn.kind == "moe":
+        parallelism.expert_parallel_degree = expert_parallel_degree(shape, ffn.moe.num_experts)
+    else:
+        parallelism.data_parallel_replicate_degree, _ = hsdp_degrees(shape)
+    parallelism.data_parallel_shard_degree = -1  # the GPUs of a node (HSDP) or all of them
+    return parallelism
+
+
 def _paper(flavor: str) -> UnimmTrainer.Config:
     # App. E.2: AdamW, peak LR 3e-4, 1000 warmup steps, cosine decay to 5% of peak,
     # sequence 4096, 4 rows per GPU (2M tokens a step on 128 GPUs).
+    model_spec = model_registry(flavor)
     return UnimmTrainer.Config(
-        model_spec=model_registry(flavor),
+        model_spec=model_spec,
         hf_assets_path=".",  # the vocabulary comes from --tokenizer.path (e.g. Llama 3's tokenizer.json)
         dump_folder=f"./runs/{flavor}",
         optimizer=default_adamw(lr=3e-4),
         lr_scheduler=LRSchedulersContainer.Config(
             warmup_steps=1000, decay_type="cosine", min_lr_factor=0.05
         ),
-        training=TrainingConfig(
+        # float8 is an option, off: --training.float8.enable (unimm.titan.parallelize)
+        training=UnimmTrainingConfig(
             local_batch_size=4, seq_len=4096, steps=100_000, max_norm=1.0, disable_cuda_graphs=True
         ),
-        parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+        parallelism=_paper_layout(ParallelismConfig(spmd_backend="partial_dtensor"), model_spec.model.ffn),
         debug=DebugConfig(seed=0),
         activation_checkpoint=SelectiveAC.Config(),
         checkpoint=_checkpoints(interval=1000, keep_latest_k=3),

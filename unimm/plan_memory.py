@@ -6,6 +6,10 @@ parallelism, FSDP2 ``fully_shard`` with the ``efsdp`` mesh for experts) inside a
 process group (``torch.testing._internal.distributed.fake_pg.FakeStore`` with the ``fake``
 backend): one process plays rank 0 of ``--gpus`` ranks, no collective runs, no weights are
 allocated. The sharded parameters are DTensors whose local shard is what rank 0 keeps.
+The recipe is loaded as the ranks of a ``--gpus`` job with ``--gpus-per-node`` GPUs a node
+load it (``unimm.titan.launch.JobShape``), so the paper recipes' layouts are the real ones:
+HSDP replicated across nodes and sharded within a node, or FSDP with expert parallelism
+inside a node for MoE (``recipes/config_registry.py``, ``_paper_layout``).
 
 Exact (to the byte, for the largest shard, which is rank 0's; FSDP2 pads every rank's shard
 to that size):
@@ -83,12 +87,17 @@ class Layout:
         return self.gpus // self.gpus_per_node
 
 
-def check_layout(config, gpus: int, gpus_per_node: int) -> Layout:
-    """The layout of ``config.parallelism`` on ``gpus`` GPUs, or a one-line ConfigError naming the setting."""
+def check_job(gpus: int, gpus_per_node: int) -> None:
+    """A one-line ConfigError when ``gpus`` cannot be ``gpus_per_node`` GPUs on each of a whole number of nodes."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     if gpus_per_node < 1 or gpus % gpus_per_node:
         raise ConfigError(f"--gpus-per-node {gpus_per_node} must divide --gpus {gpus}")
+
+
+def check_layout(config, gpus: int, gpus_per_node: int) -> Layout:
+    """The layout of ``config.parallelism`` on ``gpus`` GPUs, or a one-line ConfigError naming the setting."""
+    check_job(gpus, gpus_per_node)
     par = config.parallelism
     for name in ("tensor_parallel_degree", "context_parallel_degree", "pipeline_parallel_degree"):
         if getattr(par, name) != 1:
@@ -288,9 +297,11 @@ def recipe_ac_mode(config) -> str:
 def plan(recipe: str, gpus: int, gpus_per_node: int = 8, overrides: list[str] | None = None) -> dict:
     from torchtitan.config import TORCH_DTYPE_MAP
 
-    from unimm.titan.launch import load_recipe
+    from unimm.titan.launch import JobShape, load_recipe
 
-    config = load_recipe(recipe, overrides)
+    check_job(gpus, gpus_per_node)
+    # the recipe as the ranks of this job load it: its parallel layout follows the job's shape
+    config = load_recipe(recipe, overrides, JobShape(world_size=gpus, gpus_per_node=gpus_per_node))
     layout = check_layout(config, gpus, gpus_per_node)
     with fake_world(gpus):
         model = shard_on_fake_world(config, layout)
@@ -365,8 +376,10 @@ def register(verbs) -> None:
         description=(
             "Shards the recipe's model on the meta device with the real parallelize function in a fake "
             "process group of --gpus ranks and reports per-GPU parameters, gradients, AdamW state (exact) "
-            "and activations per activation-checkpointing mode (estimate). Further --section.key VALUE "
-            "options go to the torchtitan config (e.g. --parallelism.expert_parallel_degree 8)."
+            "and activations per activation-checkpointing mode (estimate). The recipe is loaded as the ranks of "
+            "that job load it, so the paper recipes' own layouts apply (HSDP replicated across nodes and sharded "
+            "within one; MoE: expert parallel inside a node). Further --section.key VALUE options go to the "
+            "torchtitan config (e.g. --parallelism.data_parallel_replicate_degree 1)."
         ),
     )
     parser.add_argument("--recipe", required=True, metavar="NAME", help="a recipe of recipes/config_registry.py")

@@ -12,6 +12,12 @@ Load balancing: a Switch-style auxiliary loss (``aux_loss``), or torchtitan-styl
 auxiliary-loss-free biases on the routing scores nudged after every optimiser step (``bias``).
 Padding positions of a packed row are still routed (their outputs are never used) but are
 left out of the balance loss and of the expert-load counters (``valid_BL``).
+
+Each token's k expert outputs are summed in fp32 in a fixed order (``combine_pairs``): no
+atomic accumulation, so a step gives the same bits on every run. Under expert parallelism
+(``enable_expert_parallel``) the routed experts are sharded over the EP ranks and reached
+through torchtitan's all-to-all dispatcher; the shared experts run beside them as a dense FFN
+on every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher
@@ -29,7 +36,7 @@ from torchtitan.protocols.module import Module
 
 from unimm.data.batch import VISION
 from unimm.kernels import swiglu_experts
-from unimm.model.experts import ExpertWeights, expert_backend
+from unimm.model.experts import ExpertWeights, ModalityRouting, expert_backend
 from unimm.model.init import linear_init
 
 SHARED_EXPERTS = {"none": 0, "global": 1, "per_modality": 2}
@@ -160,16 +167,27 @@ class MoE(Module):
 
     def enable_expert_parallel(self, ep_mesh: DeviceMesh) -> None:
         """Shard the experts over ``ep_mesh`` (dim 0) and route tokens to their owners with
-        torchtitan's all-to-all dispatcher. Call on the meta-device model, before FSDP."""
-        if self.config.num_experts % ep_mesh.size():
+        torchtitan's all-to-all dispatcher. Call on the meta-device model, before FSDP.
+
+        Only the routed experts go through the dispatcher. The shared ones (always active)
+        run beside them as a dense FFN on every rank (``_shared_ffn``): routed like the others,
+        the rank that holds expert 0 would receive every token of the EP group."""
+        ep = ep_mesh.size()
+        if self.config.num_experts % ep:
             raise ValueError(
-                f"moe.num_experts={self.config.num_experts} must divide by the expert-parallel degree {ep_mesh.size()}"
+                f"moe.num_experts={self.config.num_experts} must divide by the expert-parallel degree {ep}"
+            )
+        if self.config.num_experts // ep < self.config.num_shared:
+            raise ValueError(
+                f"moe.shared={self.config.shared!r} keeps its {self.config.num_shared} shared experts on the "
+                f"first expert-parallel rank, which holds num_experts / ep = {self.config.num_experts // ep}; "
+                "lower --parallelism.expert_parallel_degree"
             )
         for name, param in list(self.experts.named_parameters(recurse=False)):
             sharded = nn.Parameter(distribute_tensor(param, ep_mesh, [Shard(0)]))
             self.experts.register_parameter(name, sharded)
         self.dispatcher = AllToAllTokenDispatcher(
-            AllToAllTokenDispatcher.Config(num_experts=self.config.num_experts, top_k=self.config.top_k)
+            AllToAllTokenDispatcher.Config(num_experts=self.config.num_experts, top_k=self.config.routed_top_k)
         )
         self.dispatcher.wire_meshes(ep_mesh=ep_mesh)
 
@@ -180,31 +198,57 @@ class MoE(Module):
         left out of the balance loss and the load counters (None: every position counts)."""
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
+        modality_T = modality_BL.reshape(-1)
         valid_T = None if valid_BL is None else valid_BL.reshape(-1)
-        experts_Tk, weights_Tk, aux = self.route(x_TD, modality_BL.reshape(-1), valid_T)
-        counts_E = count_per_expert(experts_Tk, self.config.num_experts)
+        experts_Tk, weights_Tk, aux = self.route(x_TD, modality_T, valid_T)
         # In place (add_, not +=, which would rebind the attribute: a side effect that compile
         # rejects inside activation checkpointing), and only outside backward: eager activation
         # checkpointing re-runs this forward in backward, which would count every token twice.
         # Compiled, the buffer update is the forward graph's epilogue and is never re-run.
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
-                if valid_T is None:
-                    self.tokens_per_expert.add_(counts_E)
-                else:
-                    self.tokens_per_expert.add_(count_per_expert(experts_Tk, self.config.num_experts, valid_T))
+                self.tokens_per_expert.add_(count_per_expert(experts_Tk, self.config.num_experts, valid_T))
         backend = expert_backend(self.config.backend, x_TD)
         if self.dispatcher is None:
             out_TD = run_experts(self.experts, x_TD, experts_Tk, weights_Tk, backend)
         else:
-            out_TD = self._run_expert_parallel(x_TD, experts_Tk, weights_Tk, counts_E, backend)
+            out_TD = self._run_expert_parallel(x_TD, modality_T, experts_Tk, weights_Tk, backend)
         return out_TD.reshape(B, L, D), aux
 
-    def _run_expert_parallel(self, x_TD, experts_Tk, weights_Tk, counts_E, backend) -> torch.Tensor:
-        routed_RD, counts_e, metadata = self.dispatcher.dispatch(x_TD, weights_Tk, experts_Tk, counts_E)
+    def _run_expert_parallel(self, x_TD, modality_T, experts_Tk, weights_Tk, backend) -> torch.Tensor:
+        shared_cols = min(self.config.num_shared, 1)  # route() puts a token's shared expert first
+        routed_Tk, routed_weights_Tk = experts_Tk[:, shared_cols:].contiguous(), weights_Tk[:, shared_cols:].contiguous()
+        counts_E = count_per_expert(routed_Tk, self.config.num_experts)
+        routed_RD, counts_e, metadata = self.dispatcher.dispatch(x_TD, routed_weights_Tk, routed_Tk, counts_E)
         offsets = torch.cumsum(counts_e, 0).to(torch.int32)
         y_RD = swiglu_experts(routed_RD, *self.experts.local(), offsets, backend=backend)
-        return self.dispatcher.combine(y_RD, metadata, x_TD)
+        out_TD = self.dispatcher.combine(y_RD, metadata, x_TD)
+        if shared_cols:
+            out_TD = out_TD + self._shared_ffn(x_TD, modality_T, backend)
+        return out_TD
+
+    def _shared_ffn(self, x_TD: torch.Tensor, modality_T: torch.Tensor, backend: str) -> torch.Tensor:
+        """The shared experts as a dense FFN on this rank's tokens (weight 1, as in ``route``).
+
+        Their weights stay rows 0..n_shared-1 of the stacked experts (one checkpoint layout for
+        every parallel layout), held by the first EP rank: every rank all-gathers the first
+        n_shared rows of its shard over the EP group and keeps the first rank's. The gather's
+        backward is a reduce-scatter, which hands the first rank the sum of every rank's
+        gradient for them. Traffic per layer: ep x n_shared experts' weights, small beside the
+        tokens' all-to-all (T k D)."""
+        n_shared = self.config.num_shared
+        ep_mesh = self.dispatcher.ep_mesh
+        w1, w3, w2 = (
+            all_gather_tensor_autograd(w[:n_shared].contiguous(), gather_dim=0, group=ep_mesh)[:n_shared]
+            for w in self.experts.local()
+        )
+        if n_shared == 1:
+            offsets = torch.full((1,), len(x_TD), dtype=torch.int32, device=x_TD.device)
+            return swiglu_experts(x_TD, w1, w3, w2, offsets, backend=backend)
+        # per_modality: expert 0 for text, expert 1 for vision, grouped by modality
+        routing = ModalityRouting.of(modality_T)
+        y_TD = swiglu_experts(x_TD, w1, w3, w2, routing.offsets, backend=backend, gather_idx=routing.order_T)
+        return y_TD[routing.inverse_T]
 
     def inactive_params(self) -> int:
         inactive_experts = self.config.num_experts - self.config.top_k
@@ -241,9 +285,49 @@ def run_experts(
     token_of_pair = order // k
     offsets = torch.cumsum(count_per_expert(experts_Tk, experts.num_experts), 0).to(torch.int32)
     y_AD = swiglu_experts(x_TD, *experts.local(), offsets, backend=backend, gather_idx=token_of_pair)
-    y_AD = y_AD * weights_Tk.flatten()[order, None].to(y_AD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_of_pair, y_AD)
+    return combine_pairs(y_AD, order, weights_Tk)
 
+
+def combine_pairs(y_AD: torch.Tensor, order_A: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted sum of its k expert outputs, [T, D] in ``y_AD``'s dtype.
+
+    ``y_AD``: the outputs of the T*k token-expert pairs in expert order, row i being pair
+    ``order_A[i]`` (pair p = token p // k, slot p % k). The rows go back to pair order through
+    the inverse permutation (a scatter of distinct indices: no two writes meet) and each token
+    sums its k slots in fp32, in slot order (``WeightedSlotSum``). No atomic accumulation,
+    unlike an ``index_add_`` into the tokens (whose CUDA result depends on the order the atomics
+    land in): the result is bitwise the same on every run, and the shapes are static (T*k pairs)."""
+    T, k = weights_Tk.shape
+    pairs_A = torch.arange(len(order_A), device=order_A.device)
+    inverse_A = torch.empty_like(order_A).scatter_(0, order_A, pairs_A)
+    return WeightedSlotSum.apply(y_AD[inverse_A].reshape(T, k, -1), weights_Tk)
+
+
+class WeightedSlotSum(torch.autograd.Function):
+    """``out_TD = sum_j w_Tk[:, j] * y_TkD[:, j]``, accumulated in fp32 slot by slot and rounded
+    once to y's dtype. Only y (in its own dtype) and w are saved for backward: autograd through
+    an fp32 upcast would keep a [T, k, D] fp32 copy per layer (2 GiB at the paper's MoE shape)."""
+
+    @staticmethod
+    def forward(ctx, y_TkD: torch.Tensor, w_Tk: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y_TkD, w_Tk)
+        w_Tk = w_Tk.float()
+        acc_TD = torch.zeros(y_TkD.shape[0], y_TkD.shape[2], dtype=torch.float32, device=y_TkD.device)
+        for j in range(y_TkD.shape[1]):
+            acc_TD = acc_TD + w_Tk[:, j, None] * y_TkD[:, j].float()
+        return acc_TD.to(y_TkD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_TkD, w_Tk = ctx.saved_tensors
+        grad_TD = grad_TD.float()
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (grad_TD[:, None, :] * w_Tk.float()[:, :, None]).to(y_TkD.dtype)
+        if ctx.needs_input_grad[1]:
+            slots = [(y_TkD[:, j].float() * grad_TD).sum(-1) for j in range(y_TkD.shape[1])]
+            grad_w = torch.stack(slots, dim=1).to(w_Tk.dtype)
+        return grad_y, grad_w
 
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:

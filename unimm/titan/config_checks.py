@@ -224,6 +224,14 @@ def check_config(config, world_size: int) -> list[str]:
             elif key == "lr" and value == 0:
                 warnings.append(f"learning rate 0 (--lr 0, param group {index}): the weights will not change")
 
+    if _get(config, "training.float8.enable") is True:
+        from importlib.util import find_spec
+
+        if find_spec("torchao") is None:
+            errors.append(
+                "--training.float8.enable needs torchao, which is not installed (pip install torchao, the build "
+                "matching your torch); or leave float8 off"
+            )
     errors += _parallel_errors(config, world_size)
     if not errors:  # the batch and stream layout presumes a valid parallel layout
         errors += _batch_errors(config, world_size)

@@ -15,12 +15,15 @@ agent and the workers die with this process (unimm.titan.lifeline).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from unimm.errors import ConfigError
@@ -54,13 +57,75 @@ def recipe_summaries() -> dict[str, str]:
     return summaries
 
 
-def load_recipe(name: str, overrides: list[str] | None = None):
-    """The recipe's Trainer.Config with command-line overrides applied (torchtitan syntax)."""
+@dataclass(frozen=True)
+class JobShape:
+    """The GPUs of a job: the world size and how many of them share a node."""
+
+    world_size: int
+    gpus_per_node: int
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.gpus_per_node
+
+
+_planned_job: JobShape | None = None
+"""The job a recipe is being loaded for outside torchrun (``as_job``)."""
+
+
+@contextmanager
+def as_job(shape: JobShape):
+    """Load recipes as the ranks of ``shape`` will (the launcher and ``unimm plan-memory``,
+    which run before, or without, torchrun)."""
+    global _planned_job
+    saved, _planned_job = _planned_job, shape
+    try:
+        yield shape
+    finally:
+        _planned_job = saved
+
+
+def job_shape() -> JobShape:
+    """The job a recipe is loaded for: the one set by ``as_job``, else torchrun's (every rank
+    gets ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``, the processes of its node), else one process."""
+    if _planned_job is not None:
+        return _planned_job
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if local < 1 or world % local:
+        raise ConfigError(
+            f"torchrun's WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local} (processes per node): "
+            "the recipes' parallel layouts need the same number of GPUs on every node"
+        )
+    return JobShape(world_size=world, gpus_per_node=local)
+
+
+def hsdp_degrees(shape: JobShape) -> tuple[int, int]:
+    """(replicate, shard) of HSDP: parameters sharded over the GPUs of a node (NVLink), each
+    node a full replica, gradients all-reduced across nodes."""
+    return shape.nodes, shape.gpus_per_node
+
+
+def expert_parallel_degree(shape: JobShape, num_experts: int) -> int:
+    """Expert-parallel degree for plain FSDP over all GPUs: the largest divisor of the GPUs of
+    a node that divides the experts (the token all-to-all stays inside a node; at 8 GPUs a node
+    1008 experts go 126 to a GPU). The experts' other sharding axis (torchtitan's ``efsdp``)
+    is world_size / ep."""
+    return math.gcd(num_experts, shape.gpus_per_node)
+
+
+def load_recipe(name: str, overrides: list[str] | None = None, job: JobShape | None = None):
+    """The recipe's Trainer.Config with command-line overrides applied (torchtitan syntax);
+    ``job``: the job it is loaded for when not under torchrun (see ``job_shape``)."""
     from torchtitan.config import ConfigManager
 
     if name not in recipe_names():
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(recipe_names())}")
-    return ConfigManager().parse_args(["--module", RECIPE_MODULE, "--config", name, *(overrides or [])])
+    args = ["--module", RECIPE_MODULE, "--config", name, *(overrides or [])]
+    if job is None:
+        return ConfigManager().parse_args(args)
+    with as_job(job):
+        return ConfigManager().parse_args(args)
 
 
 def preflight(config):
@@ -190,11 +255,12 @@ def train(
     overrides = list(extra) + ["--dump_folder", str(out)]
     if steps is not None:
         overrides += ["--training.steps", str(steps)]
-    config = load_recipe(recipe, overrides + ([] if lr is None else lr_overrides(lr)))
+    job = JobShape(world_size=nproc, gpus_per_node=nproc)  # torchrun --standalone: one node
+    config = load_recipe(recipe, overrides + ([] if lr is None else lr_overrides(lr)), job)
     if lr is not None:  # --lr is the peak LR of every param group
         overrides += lr_overrides(lr, max(1, len(config.optimizer.param_groups)))
         if len(config.optimizer.param_groups) > 1:
-            config = load_recipe(recipe, overrides)
+            config = load_recipe(recipe, overrides, job)
     for warning in check_config(config, nproc) + check_devices(nproc):
         _warn(warning)
 

@@ -1,12 +1,28 @@
-"""Applies activation checkpointing, torch.compile and FSDP2 to the unified model.
+"""Applies float8, expert parallelism, activation checkpointing, torch.compile and FSDP2 /
+HSDP to the unified model.
 
 The model keeps torchtitan's decoder attribute names (tok_embeddings, layers, norm, lm_head,
 block.moe) so torchtitan's own FSDP helper shards it: one FSDP unit per block, embeddings and
 the final norm + LM head as their own units, the visual adapters with the root, and stacked
 expert weights on their own placement (and, with expert parallelism, the expert-FSDP mesh).
+With ``data_parallel_replicate_degree`` > 1 the same units are HSDP: sharded over the
+``fsdp`` mesh dimension, replicated over ``dp_replicate``.
+
+Float8 (``--training.float8.enable``, paper recipes): torchtitan 0.3.0's float8 converter
+(torchao's ``Float8Linear``) swapped in for every torchtitan ``Linear`` of the model whose
+dimensions are multiples of 16 and whose name is not filtered (the LM and flow heads and the
+router stay in bf16, as torchtitan's recipes keep the output head). torchtitan swaps linears in
+a model's config tree; unimm's modules build their linears themselves, so the same swap is
+done here on the meta-device modules, before anything wraps them. The grouped GEMMs (MoE and
+modality-FFN experts, MoT's per-modality projections) stay in bf16: torchtitan's grouped float8
+(``Float8GroupedExpertsConverter``) converts torchtitan's ``GroupedExperts`` on
+``torch._grouped_mm``, not unimm's grouped-GEMM custom ops (``unimm.kernels``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torchtitan.config import TORCH_DTYPE_MAP, CompileConfig, ParallelismConfig, TrainingConfig
@@ -14,11 +30,78 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import ActivationCheckpointing, SelectiveAC
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+from torchtitan.models.common.linear import Linear
 
+from unimm.errors import ConfigError
 from unimm.kernels import GROUPED_GEMM_OPS
 from unimm.model.moe import MoE
 from unimm.model.transformer import UnimmModel
 from unimm.titan.compat import force_sum_reduction_on_gloo
+
+
+@dataclass(kw_only=True, slots=True)
+class Float8Config:
+    enable: bool = False
+    """Train every eligible linear in float8 (torchao; NVIDIA SM89+ or AMD MI300+)."""
+    recipe_name: Literal["rowwise", "rowwise_with_gw_hp"] = "rowwise"
+    """torchtitan's float8 recipe (its ``Float8LinearConverter.Config.recipe_name``)."""
+    filter_fqns: list[str] = field(default_factory=lambda: ["lm_head", "flow_head", "router.gate"])
+    """Linears whose name contains one of these stay in the compute dtype."""
+    emulate: bool = False
+    """Emulated float8 (any device, eager only): for tests, not speed."""
+
+
+@dataclass(kw_only=True, slots=True)
+class UnimmTrainingConfig(TrainingConfig):
+    """torchtitan's training section with unimm's float8 option (``--training.float8.*``)."""
+
+    float8: Float8Config = field(default_factory=Float8Config)
+
+
+def float8_converter(float8: Float8Config, compile_enabled: bool):
+    """torchtitan's float8 converter for ``float8``; a ConfigError saying what is missing
+    (torchao, a float8-capable GPU) instead of its ImportError / ValueError."""
+    from importlib.util import find_spec
+
+    from torchtitan.components.quantization import Float8LinearConverter
+
+    if find_spec("torchao") is None:
+        raise ConfigError(
+            "--training.float8.enable needs torchao, which is not installed (pip install torchao, the build "
+            "matching your torch); or leave float8 off"
+        )
+    config = Float8LinearConverter.Config(
+        recipe_name=float8.recipe_name, filter_fqns=list(float8.filter_fqns),
+        emulate=float8.emulate, model_compile_enabled=compile_enabled,
+    )
+    try:
+        return config.build()
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"--training.float8.enable: {err}") from None
+
+
+def apply_float8(model: torch.nn.Module, float8: Float8Config, compile_enabled: bool) -> list[str]:
+    """Swap the eligible torchtitan ``Linear`` modules of ``model`` for torchtitan's
+    ``Float8Linear`` (same shapes, same per-parameter init); returns their names."""
+    converter = float8_converter(float8, compile_enabled)
+    from torchtitan.components.quantization import Float8Linear
+
+    swapped = []
+    for fqn, module in list(model.named_modules()):
+        if type(module) is not Linear:
+            continue
+        config = Linear.Config(in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None)
+        if not converter.filter_fn(config, fqn):
+            continue
+        with torch.device(module.weight.device):
+            new = Float8Linear.Config(
+                in_features=module.in_features, out_features=module.out_features, bias=module.bias is not None,
+                param_init=module._param_init, _torchao_config=converter.torchao_config,
+            ).build()
+        parent_name, _, attr = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, new)
+        swapped.append(fqn)
+    return swapped
 
 
 # Ops whose outputs selective activation checkpointing saves on top of torchtitan's default list
@@ -69,6 +152,9 @@ def parallelize_unimm(
             "unimm needs --parallelism.spmd_backend partial_dtensor (its modules carry no "
             f"sharding annotations for {parallelism.spmd_backend!r})"
         )
+    float8 = getattr(training, "float8", None)
+    if float8 is not None and float8.enable:
+        apply_float8(model, float8, compile_config.enable and "model" in compile_config.components)
     if parallel_dims.ep_enabled:
         ep_mesh = parallel_dims.get_mesh("ep")
         routed = [m for m in model.modules() if isinstance(m, MoE)]

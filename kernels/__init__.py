@@ -1,5 +1,7 @@
 """unimm's expert kernels: a grouped GEMM over expert-sorted rows (``experts.py``, with the
-Triton kernel in ``grouped_gemm.py`` and the plain-torch oracle in ``reference.py``).
+Triton kernels in ``grouped_gemm.py``, their launches in ``launch.py``, their torch ops in
+``triton_ops.py``, the ``auto`` backend policy in ``policy.py`` and the plain-torch oracle in
+``reference.py``).
 
 This folder installs as ``unimm.kernels`` (pyproject's package-dir). Run from the repository
 root, Python also finds it as a top-level ``kernels``: the import name of Hugging Face's
@@ -10,6 +12,7 @@ checkpointing policy hold (selective checkpointing would then recompute every ex
 """
 
 if __name__ == "unimm.kernels":
-    from .experts import BACKENDS, GROUPED_GEMM_OPS, grouped_mm, swiglu_experts
+    from .experts import BACKENDS, GROUPED_GEMM_OPS, grouped_mm, swiglu_experts, unfused_gate_up
+    from .triton_ops import weight_grad_split
 
-    __all__ = ["BACKENDS", "GROUPED_GEMM_OPS", "grouped_mm", "swiglu_experts"]
+    __all__ = ["BACKENDS", "GROUPED_GEMM_OPS", "grouped_mm", "swiglu_experts", "unfused_gate_up", "weight_grad_split"]

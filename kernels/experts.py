@@ -5,15 +5,19 @@ row counts, length E, offsets[-1] == number of rows; experts may be empty). The 
 the fine-grained MoE FFN and the modality FFN (E=2, routing fixed by modality).
 
 Backends, picked by name:
-  "triton"            the kernel in grouped_gemm.py: no host sync, fuses the token gather
+  "triton"            the kernels in grouped_gemm.py (autotuned, persistent, gather fused into
+                      the loads, SwiGLU gate/up fused, split weight gradient): no host sync
                       (CUDA; CPU only under TRITON_INTERPRET=1, for correctness checks)
   "torch_grouped_mm"  torch._grouped_mm (CUDA and CPU)
   "loop"              one matmul per expert (reference.py; the correctness oracle)
+  "auto"              triton where this GPU model's measured table says it beats
+                      torch._grouped_mm for the shape, else torch_grouped_mm (policy.py)
 
-Each backend runs as torch.library custom ops (`unimm::grouped_mm`, `unimm::grouped_mm_input_grad`,
-`unimm::grouped_mm_weight_grad`; GROUPED_GEMM_OPS) with fake impls and registered autograd:
-torch.compile(fullgraph=True) traces them by shape, never into a kernel or a host read, and
-selective activation checkpointing can save a GEMM's output as one op.
+The triton backend runs as `torch.library.triton_op`s (triton_ops.py: torch.compile traces into
+the kernels); the others as torch.library custom ops (`unimm::grouped_mm`,
+`unimm::grouped_mm_input_grad`, `unimm::grouped_mm_weight_grad`) with fake impls and registered
+autograd: torch.compile(fullgraph=True) traces them by shape, never into a host read. Selective
+activation checkpointing saves the forward ops (GROUPED_GEMM_OPS).
 
 `offsets[-1] == rows` is the caller's contract and is not checked: checking it would need a host
 sync, which the triton and torch_grouped_mm paths exist to avoid.
@@ -21,15 +25,17 @@ sync, which the triton and torch_grouped_mm paths exist to avoid.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
-from .grouped_gemm import triton_forward, triton_input_grad, triton_weight_grad
+from . import policy, triton_ops
 from .reference import grouped_mm_loop, grouped_mm_loop_weight_grad
 
 BACKENDS = ("triton", "torch_grouped_mm", "loop")
+"""The concrete backends; "auto" resolves to one of the first two."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 
 def _pad_cols(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -59,18 +65,16 @@ def _rows(x: torch.Tensor, gather_idx: torch.Tensor | None) -> torch.Tensor:
     return x if gather_idx is None else x[gather_idx]
 
 
-# The backends run as torch.library custom ops: one opaque op for the forward and one for each
-# gradient. torch.compile(fullgraph=True) traces them through their fake (shape-only) impls
-# instead of into the kernels (the loop backend's host read, a Triton launch); selective
-# activation checkpointing sees each GEMM as one op it can save (GROUPED_GEMM_OPS).
+# The torch_grouped_mm and loop backends run as torch.library custom ops: one opaque op for the
+# forward and one for each gradient. torch.compile(fullgraph=True) traces them through their fake
+# (shape-only) impls instead of into the loop backend's host read; selective activation
+# checkpointing sees each GEMM as one op it can save (GROUPED_GEMM_OPS).
 
 
 @torch.library.custom_op("unimm::grouped_mm", mutates_args=())
 def _grouped_mm_op(
     x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    if backend == "triton":
-        return triton_forward(x, w, offsets, gather_idx)
     x = _rows(x, gather_idx)  # only the Triton kernel fuses the gather into its loads
     if backend == "torch_grouped_mm":
         return _grouped_mm_torch(x, w, offsets).contiguous()
@@ -88,8 +92,6 @@ def _input_grad_op(
     dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None,
     x_rows: int, backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        return triton_input_grad(dy, w, offsets, gather_idx, x_rows)
     w_t = w.transpose(1, 2)
     if backend == "torch_grouped_mm":
         dx = _grouped_mm_torch(dy, w_t, offsets)
@@ -111,8 +113,6 @@ def _(dy, w, offsets, gather_idx, x_rows, backend):
 def _weight_grad_op(
     x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    if backend == "triton":
-        return triton_weight_grad(x, dy, offsets, gather_idx)
     x = _rows(x, gather_idx)
     if backend == "torch_grouped_mm":
         return _grouped_mm_torch_weight_grad(x, dy, offsets).contiguous()
@@ -148,14 +148,15 @@ GROUPED_GEMM_OPS = (
     torch.ops.unimm.grouped_mm.default,
     torch.ops.unimm.grouped_mm_input_grad.default,
     torch.ops.unimm.grouped_mm_weight_grad.default,
+    *triton_ops.TRITON_FORWARD_OPS,
 )
-"""The engine's custom ops. Selective activation checkpointing saves the forward's output
+"""The engine's GEMM ops. Selective activation checkpointing saves the forward ops' outputs
 (``unimm.titan.parallelize``); the gradient ops run in backward only."""
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown grouped GEMM backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown grouped GEMM backend {backend!r}; choose one of {('auto', *BACKENDS)}")
 
 
 def _check_grouped_mm_args(
@@ -204,6 +205,11 @@ def grouped_mm(
     """
     _check_backend(backend)
     _check_grouped_mm_args(x, w, offsets, gather_idx)
+    rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
+    if backend == "auto":
+        backend = policy.resolve("grouped_mm", x, rows, w.shape[1], w.shape[2], w.shape[0])
+    if backend == "triton":
+        return triton_ops.grouped_mm(x, w, offsets, gather_idx)
     return _grouped_mm_op(x, w, offsets, gather_idx, backend)
 
 
@@ -233,9 +239,74 @@ def swiglu_experts(
         raise ValueError(
             f"w_down must be [E, H, D] = {(e, h, d)} (from w_gate), got {tuple(w_down.shape)}"
         )
-    if gather_idx is not None and backend != "triton":
+    if backend == "auto":
+        rows = x.shape[0] if gather_idx is None else gather_idx.shape[0]
+        backend = policy.resolve("swiglu", x, rows, d, h, e)
+    if backend == "triton":
+        return triton_ops.swiglu(x, w_gate, w_up, w_down, offsets, gather_idx, fuse_gate_up=_FUSE_GATE_UP[0])
+    if gather_idx is not None:
         # Gather once for both projections instead of once per grouped_mm call.
         x, gather_idx = x[gather_idx], None
     gate = grouped_mm(x, w_gate, offsets, backend, gather_idx)
     up = grouped_mm(x, w_up, offsets, backend, gather_idx)
     return grouped_mm(F.silu(gate) * up, w_down, offsets, backend)
+
+
+# The triton backend's SwiGLU runs gate and up as one fused kernel; benchmarks switch it off to
+# compare (`unfused_gate_up`).
+_FUSE_GATE_UP = [True]
+
+
+class unfused_gate_up:
+    """Context manager: the triton backend's SwiGLU runs gate and up as two grouped GEMMs."""
+
+    def __enter__(self):
+        self.saved, _FUSE_GATE_UP[0] = _FUSE_GATE_UP[0], False
+        return self
+
+    def __exit__(self, *exc):
+        _FUSE_GATE_UP[0] = self.saved
+
+
+def measure_backends(key: policy.ShapeKey, iters: int = 5, warmup: int = 2) -> dict:
+    """fwd+bwd median ms of triton and torch_grouped_mm at `key`'s shape on the current GPU,
+    on synthetic balanced routing (rows = the key's bucket): policy's opt-in first-use benchmark."""
+    device, dtype = torch.device("cuda"), getattr(torch, key.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows, e = key.bucket, key.experts
+    offsets = (torch.arange(1, e + 1, device=device) * rows // e).to(torch.int32)
+
+    def param(*shape, fan_in=1):
+        return (torch.randn(shape, device=device, generator=gen) / fan_in**0.5).to(dtype).requires_grad_()
+
+    x = param(rows, key.k)
+    if key.op == "swiglu":
+        tensors = [x, param(e, key.k, key.n, fan_in=key.k), param(e, key.k, key.n, fan_in=key.k),
+                   param(e, key.n, key.k, fan_in=key.n)]
+    else:
+        tensors = [x, param(e, key.k, key.n, fan_in=key.k)]
+    result = {}
+    for backend in ("triton", "torch_grouped_mm"):
+        def step():
+            if key.op == "swiglu":
+                y = swiglu_experts(*tensors, offsets, backend=backend)
+            else:
+                y = grouped_mm(*tensors, offsets, backend)
+            y.backward(torch.ones_like(y))
+            for t in tensors:
+                t.grad = None
+
+        times = []
+        for i in range(warmup + iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
+        result[f"{backend}_ms"] = statistics.median(times)
+    return result
+
+
+policy.set_benchmark(measure_backends)

@@ -1,279 +1,271 @@
-"""Triton grouped GEMM for the expert engine, forward and backward.
+"""Triton grouped GEMM kernels for the expert engine (the device code; launches in launch.py).
 
-Rows are sorted by expert: expert e owns rows offsets[e-1]:offsets[e] of x (offsets is the int32
-cumulative row count, length E, last entry T; experts may be empty). Per expert:
+Rows are sorted by expert: expert e owns rows offsets[e-1]:offsets[e] of the row operand
+(offsets: int32 cumulative row counts, length E, last entry R; experts may be empty).
 
-    forward        y_e   = x_e @ w[e]            (_grouped_mm_kernel)
-    input grad     dx_e  = dy_e @ w[e]^T         (_grouped_mm_kernel on a transposed view of w)
-    weight grad    dw[e] = x_e^T @ dy_e          (_weight_grad_kernel)
+  _grouped_mm_kernel   c_e = a_e @ b[e]  (+ a2_e @ b2[e] with DUAL)
+                       forward y = x @ w[e]; input grad dy @ w[e]^T (b is a transposed view);
+                       the fused gate/up input grad dh1 @ w1^T + dh3 @ w3^T (DUAL, one acc)
+  _gate_up_kernel      h1 = x @ w1[e], h3 = x @ w3[e], h = silu(h1) * h3 from one read of the
+                       token tile (SwiGLU's gate and up projections fused)
+  _weight_grad_kernel  dw[e] = a_e^T @ b_e (and dw2[e] = a_e^T @ b2_e with DUAL: one read of
+                       the token tile for both), split over the expert's rows (split-K)
+  _swiglu_grad_kernel  dh1, dh3 from dh, h1, h3 (elementwise, fp32 math)
+  _segment_sum_kernel  out[t] = sum of the rows that read token t (the gather's backward),
+                       accumulated in fp32 in registers, in a fixed order (deterministic)
 
-Schedule. The row-tiled kernel runs one program per (M-tile of one expert, N-tile). Which expert an
-M-tile belongs to is computed on the device (`_tile_table`), and the grid is a static upper bound
-on the number of M-tiles (each non-empty expert leaves at most one partial tile), so neither the
-forward nor the backward reads anything back to the host: no `.item()`, no `.tolist()`. Surplus
-programs find an empty row range and return at once. The weight-gradient kernel runs one program
-per (expert, K-tile, N-tile) and loops over that expert's rows; an empty expert stores zeros.
-Operands are loaded in their dtype and accumulated in fp32.
+Schedule. Which expert an M-tile belongs to is found on the device, inside each program: every
+program loads the E offsets once, counts each expert's tiles (ceil(n_e / BLOCK_M)) and their
+running sum, and maps a tile to its expert with a vector compare. So the tile map follows the
+autotuned BLOCK_M, and nothing is read back to the host (no `.item()`, no `.tolist()`). The
+row-tiled kernels are persistent: a grid of at most PROGRAMS_PER_SM programs per multiprocessor
+walks the real tiles (no empty programs for empty experts), in grouped order (GROUP_M M-tiles
+share an N column band, so the expert's weight tile and the token tiles stay in L2).
 
-Autograd. These are plain functions; `unimm.kernels` registers the forward and both gradients
-as `torch.library` custom ops (one opaque op each for torch.compile and for selective activation
-checkpointing) and wires their autograd.
+Weight gradient: one program per (output tile, expert), experts launched largest first (a
+device-side argsort of the row counts: longest-processing-time-first, so a hot expert under
+skewed routing starts at once instead of last). Split-K: SPLIT programs share one output tile
+of one expert, each summing a contiguous 1/SPLIT of the expert's rows into an fp32
+[SPLIT, E, K, N] buffer that the host sums in a fixed order (deterministic, no atomics).
+SPLIT = 1 writes dw in its dtype.
 
-Fusion. With `gather_idx`, row i of the GEMM reads x[gather_idx[i]]: the router's token
-permutation is folded into the loads of the forward and of the weight gradient, so the [T, K]
-permuted copy of the activations (top-k times the layer input: 16x for the fine-grained layers) is
-never materialised nor kept for backward. The input gradient of that GEMM is produced in sorted
-order and summed back onto the tokens with one `index_add_` (in fp32, since a token receives k
-contributions). The opposite permutation (scattering the down-projection back to tokens and
-weighting by router scores) is left to the caller: fusing it needs atomic adds of k rows per token
-into the output, which are non-deterministic, and the combine is a cheap elementwise op next to the
-GEMMs.
+Operands are loaded in their dtype and multiplied with fp32 accumulation (tl.dot); outputs are
+rounded once.
 
 CPU. Triton runs CPU tensors only in its interpreter, enabled by TRITON_INTERPRET=1 set before
 `triton` is first imported (triton.language builds its own functions at import time; setting the
 variable later leaves a half-interpreted, broken state). It is ~3000x slower than torch: for
-correctness checks on tiny shapes.
+correctness checks on small shapes. The interpreter (triton 3.9) multiplies bf16 operands of
+tl.dot as their raw uint16 storage and truncates fp32 -> bf16; `interpreter_bf16.patch_interpreter_bf16` makes
+it do what the GPU does (exact products, fp32 accumulation, round to nearest even), so the
+kernels run their bf16 path unchanged there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 
 @triton.jit
-def _grouped_mm_kernel(
-    x_ptr, w_ptr, y_ptr, gather_ptr, tiles_ptr,
-    num_tiles, N, K,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-    HAS_GATHER: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    # Tile table rows: expert, first row, end row (see _tile_table).
-    expert = tl.load(tiles_ptr + pid_m)
-    row_start = tl.load(tiles_ptr + num_tiles + pid_m)
-    row_end = tl.load(tiles_ptr + 2 * num_tiles + pid_m)
-    if row_start >= row_end:
-        return
-
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    if HAS_GATHER:
-        src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
-    else:
-        src_rows = rows
-    # int64 before the stride multiply: T*K and E*K*N can pass 2**31 at full scale.
-    x_rows = x_ptr + src_rows.to(tl.int64)[:, None] * stride_xm
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        a = tl.load(x_rows + ks[None, :].to(tl.int64) * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_cols + ks[:, None].to(tl.int64) * stride_wk,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
-    y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :].to(tl.int64) * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+def _expert_table(offsets_ptr, E, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert (vectors of BLOCK_E >= E): first row, end row, first tile, end tile."""
+    e = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + e, mask=e < E, other=0)
+    starts = tl.load(offsets_ptr + e - 1, mask=(e > 0) & (e < E), other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    return starts, ends, tile_end - tiles, tile_end
 
 
 @triton.jit
-def _weight_grad_kernel(
-    x_ptr, dy_ptr, dw_ptr, gather_ptr, offsets_ptr,
-    N, K,
-    stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
-    HAS_GATHER: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _locate(tile, starts, ends, first_tile, tile_end, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row, end row) of M-tile `tile`: the one expert whose tile range holds it."""
+    sel = (tile >= first_tile) & (tile < tile_end)
+    expert = tl.sum(tl.where(sel, tl.arange(0, BLOCK_E), 0), 0)
+    row_start = tl.sum(tl.where(sel, starts + (tile - first_tile) * BLOCK_M, 0), 0)
+    row_end = tl.minimum(row_start + BLOCK_M, tl.sum(tl.where(sel, ends, 0), 0))
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M consecutive M-tiles sweep the N-tiles together (L2 reuse)."""
+    width = GROUP_M * num_n
+    first_m = (tile // width) * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % width) % size, (tile % width) // size
+
+
+@triton.jit
+def _row_tile_mma(a_ptr, b_ptr, src_rows, row_mask, expert, cols, col_mask, K,
+                  stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    # int64 before the stride multiply: R*K and E*K*N pass 2**31 at full scale.
+    a_rows = a_ptr + src_rows.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + expert.to(tl.int64) * stride_be + cols.to(tl.int64)[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_rows + ks.to(tl.int64)[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_cols + ks.to(tl.int64)[:, None] * stride_bk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, gather_ptr, offsets_ptr,
+    E, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    HAS_GATHER: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
 ):
-    pid_kn = tl.program_id(0)
-    expert = tl.program_id(1)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_k = pid_kn // num_n_tiles
-    pid_n = pid_kn % num_n_tiles
-    row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
-    row_end = tl.load(offsets_ptr + expert)
-
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = ks < K
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+    # M_BUCKET (rows rounded up to a power of two) is an autotune key only.
+    starts, ends, first_tile, tile_end = _expert_table(offsets_ptr, E, BLOCK_E, BLOCK_M)
+    num_m = tl.sum(tile_end - first_tile, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+        expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
+        rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         if HAS_GATHER:
             src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
         else:
             src_rows = rows
-        # x_e^T tile [BLOCK_K, BLOCK_M], loaded transposed straight from row-major x.
-        a = tl.load(x_ptr + src_rows.to(tl.int64)[None, :] * stride_xm
-                    + ks[:, None].to(tl.int64) * stride_xk,
-                    mask=k_mask[:, None] & row_mask[None, :], other=0.0)
-        b = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-                    + cols[None, :].to(tl.int64) * stride_dyn,
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _row_tile_mma(a_ptr, b_ptr, src_rows, row_mask, expert, cols, col_mask, K,
+                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc, BLOCK_K, PRECISION)
+        if DUAL:  # same strides as (a, b): the caller checks
+            acc = _row_tile_mma(a2_ptr, b2_ptr, src_rows, row_mask, expert, cols, col_mask, K,
+                                stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc, BLOCK_K, PRECISION)
+        c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
-    dw = (dw_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wk
-          + cols[None, :].to(tl.int64) * stride_wn)
-    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w1_ptr, w3_ptr, h_ptr, h1_ptr, h3_ptr, gather_ptr, offsets_ptr,
+    E, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_hm, stride_hn,
+    HAS_GATHER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
+):
+    starts, ends, first_tile, tile_end = _expert_table(offsets_ptr, E, BLOCK_E, BLOCK_M)
+    num_m = tl.sum(tile_end - first_tile, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+        expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        if HAS_GATHER:
+            src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
+        else:
+            src_rows = rows
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        x_rows = x_ptr + src_rows.to(tl.int64)[:, None] * stride_xm
+        w_off = expert.to(tl.int64) * stride_we + cols.to(tl.int64)[None, :] * stride_wn
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            a = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b_mask = k_mask[:, None] & col_mask[None, :]
+            w_k = w_off + ks.to(tl.int64)[:, None] * stride_wk
+            acc1 = tl.dot(a, tl.load(w1_ptr + w_k, mask=b_mask, other=0.0), acc1, input_precision=PRECISION)
+            acc3 = tl.dot(a, tl.load(w3_ptr + w_k, mask=b_mask, other=0.0), acc3, input_precision=PRECISION)
+        # h from the rounded h1, h3 (what is saved for backward), rounded once.
+        h1 = acc1.to(h_ptr.dtype.element_ty)
+        h3 = acc3.to(h_ptr.dtype.element_ty)
+        g = h1.to(tl.float32)
+        h = g * tl.sigmoid(g) * h3.to(tl.float32)
+        offs = rows.to(tl.int64)[:, None] * stride_hm + cols.to(tl.int64)[None, :] * stride_hn
+        mask = row_mask[:, None] & col_mask[None, :]
+        tl.store(h1_ptr + offs, h1, mask=mask)
+        tl.store(h3_ptr + offs, h3, mask=mask)
+        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    a_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, gather_ptr, offsets_ptr, order_ptr,
+    E, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bm, stride_bn, stride_cs, stride_ce, stride_ck, stride_cn,
+    HAS_GATHER: tl.constexpr, DUAL: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # An expert's shares of one tile are neighbours in the launch order.
+    pid_k, pid_n = _swizzle(tl.program_id(0) // SPLIT, num_k, num_n, GROUP_M)
+    split = tl.program_id(0) % SPLIT
+    # Experts in order of decreasing rows (order_ptr): the longest programs start first and the
+    # short ones fill in behind them, so skewed routing leaves no long tail of one hot expert.
+    expert = tl.load(order_ptr + tl.program_id(1))
+    row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
+    row_end = tl.load(offsets_ptr + expert)
+    # This program's share of the expert's rows: a whole number of BLOCK_M rows.
+    chunk = tl.cdiv(tl.cdiv(row_end - row_start, SPLIT), BLOCK_M) * BLOCK_M
+    lo = row_start + split * chunk
+    hi = tl.minimum(row_end, lo + chunk)
+
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < hi
+        if HAS_GATHER:
+            src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
+        else:
+            src_rows = rows
+        # a_e^T tile [BLOCK_K, BLOCK_M], loaded transposed straight from row-major a.
+        a = tl.load(a_ptr + src_rows.to(tl.int64)[None, :] * stride_am + ks.to(tl.int64)[:, None] * stride_ak,
+                    mask=k_mask[:, None] & row_mask[None, :], other=0.0)
+        b_offs = rows.to(tl.int64)[:, None] * stride_bm + cols.to(tl.int64)[None, :] * stride_bn
+        b_mask = row_mask[:, None] & col_mask[None, :]
+        acc = tl.dot(a, tl.load(b_ptr + b_offs, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
+        if DUAL:
+            acc2 = tl.dot(a, tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0), acc2, input_precision=PRECISION)
+
+    # An empty share stores zeros: the buffer is never cleared beforehand.
+    offs = (split.to(tl.int64) * stride_cs + expert.to(tl.int64) * stride_ce
+            + ks.to(tl.int64)[:, None] * stride_ck + cols.to(tl.int64)[None, :] * stride_cn)
+    mask = k_mask[:, None] & col_mask[None, :]
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if DUAL:
+        tl.store(c2_ptr + offs, acc2.to(c2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_grad_kernel(dh_ptr, h1_ptr, h3_ptr, dh1_ptr, dh3_ptr, numel, BLOCK: tl.constexpr):
+    """h = silu(h1) * h3: dh3 = dh * silu(h1), dh1 = dh * h3 * silu'(h1), in fp32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(h1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(h3_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    tl.store(dh3_ptr + offs, (dh * g * s).to(dh3_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh1_ptr + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(dh1_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_sum_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, D, stride_src, stride_out,
+                        BLOCK_D: tl.constexpr):
+    """out[t] = sum over j in bounds[t]:bounds[t+1] of src[order[j]] (fp32 sum, fixed order)."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    lo = tl.load(bounds_ptr + token)
+    hi = tl.load(bounds_ptr + token + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in range(lo, hi):
+        row = tl.load(order_ptr + j).to(tl.int64)
+        acc += tl.load(src_ptr + row * stride_src + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 # Whether triton.jit handed back interpreter functions (TRITON_INTERPRET=1 at import time).
 INTERPRETED = not isinstance(_grouped_mm_kernel, JITFunction)
 
 
-@dataclass(frozen=True)
-class _Config:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
+if INTERPRETED:
+    from .interpreter_bf16 import patch_interpreter_bf16
 
-
-def _config(dtype: torch.dtype) -> _Config:
-    if INTERPRETED:
-        # The interpreter's cost is per block operation: few, small blocks (tl.dot needs >= 16).
-        return _Config(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
-    if dtype == torch.float32:
-        # fp32 tiles are twice the bytes: halve K to keep three pipeline stages in shared memory.
-        return _Config(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=3)
-    return _Config(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
-
-
-def _kernel_flags(dtype: torch.dtype) -> dict:
-    # fp32 follows torch's own TF32 switch so the kernel matches torch.matmul on the same machine.
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    # The interpreter multiplies bf16 operands as their raw uint16 storage (triton 3.9); upcasting
-    # first is exact (bf16 and fp16 widen losslessly to fp32) and costs nothing on the GPU path.
-    return dict(UPCAST=INTERPRETED, PRECISION="tf32" if tf32 else "ieee")
-
-
-def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "grouped GEMM backend 'triton' got CPU tensors, but Triton runs on CPU only through "
-            "its interpreter. Use backend='torch_grouped_mm' or backend='loop', or set "
-            "TRITON_INTERPRET=1 before triton is first imported (correctness checks only: ~3000x "
-            "slower than torch)."
-        )
-
-
-def _tile_table(offsets: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
-    """Map each M-tile program to (expert, first row, end row), on the device.
-
-    Returns int32 [3, max_tiles]. max_tiles is a host-side bound from shapes alone: expert e needs
-    ceil(n_e / block_m) tiles, which sums to at most (T + G * (block_m - 1)) // block_m over the
-    G <= min(E, T) non-empty experts. Tiles past the real count get an empty row range.
-    """
-    num_experts = offsets.shape[0]
-    max_tiles = (num_rows + min(num_experts, num_rows) * (block_m - 1)) // block_m
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
-    tile_ids = torch.arange(max_tiles, device=offsets.device, dtype=torch.int32)
-    expert = torch.searchsorted(tile_end, tile_ids, right=True).clamp_(max=num_experts - 1)
-    local_tile = tile_ids - (tile_end[expert] - tiles[expert])
-    row_start = offsets[expert] - counts[expert] + local_tile * block_m
-    row_end = torch.minimum(row_start + block_m, offsets[expert])
-    row_end = torch.where(tile_ids < tile_end[-1], row_end, row_start)
-    return torch.stack([expert.to(torch.int32), row_start, row_end])
-
-
-def _row_tiled_mm(
-    x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor, gather_idx: torch.Tensor | None,
-    num_rows: int,
-) -> torch.Tensor:
-    """y[i] = x[gather_idx[i] if gather_idx is given else i] @ w[expert of row i]."""
-    n, k = w.shape[2], w.shape[1]
-    y = torch.empty((num_rows, n), device=x.device, dtype=x.dtype)
-    num_tiles = tiles.shape[1]
-    if num_tiles == 0 or n == 0:
-        return y
-    cfg = _config(x.dtype)
-    grid = (num_tiles, triton.cdiv(n, cfg.block_n))
-    _grouped_mm_kernel[grid](
-        x, w, y, gather_idx if gather_idx is not None else tiles, tiles,
-        num_tiles, n, k,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-        HAS_GATHER=gather_idx is not None, **_kernel_flags(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y
-
-
-def _weight_grad(
-    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None,
-    w_dtype: torch.dtype,
-) -> torch.Tensor:
-    """dw[e] = rows(x, e)^T @ dy[rows of e], zero for an empty expert."""
-    num_experts, k, n = offsets.shape[0], x.shape[1], dy.shape[1]
-    dw = torch.empty((num_experts, k, n), device=x.device, dtype=w_dtype)
-    if dw.numel() == 0:
-        return dw
-    cfg = _config(x.dtype)
-    grid = (triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n), num_experts)
-    _weight_grad_kernel[grid](
-        x, dy, dw, gather_idx if gather_idx is not None else offsets, offsets,
-        n, k,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_GATHER=gather_idx is not None, **_kernel_flags(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return dw
-
-
-def triton_forward(
-    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None
-) -> torch.Tensor:
-    """y[i] = rows(x)[i] @ w[expert of row i]. Arguments as in `unimm.kernels.grouped_mm`."""
-    _check_device(x)
-    num_rows = gather_idx.shape[0] if gather_idx is not None else x.shape[0]
-    tiles = _tile_table(offsets, num_rows, _config(x.dtype).block_m)
-    return _row_tiled_mm(x, w, tiles, gather_idx, num_rows)
-
-
-def triton_input_grad(
-    dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None,
-    x_rows: int,
-) -> torch.Tensor:
-    """dx of `triton_forward`: dy_e @ w[e]^T, summed back onto x's rows through gather_idx."""
-    _check_device(dy)
-    # Same rows and experts as the forward: the tile table is rebuilt on the device (E-sized
-    # ops), so the forward keeps nothing but its inputs for backward.
-    tiles = _tile_table(offsets, dy.shape[0], _config(dy.dtype).block_m)
-    dx = _row_tiled_mm(dy, w.transpose(1, 2), tiles, None, dy.shape[0])
-    if gather_idx is not None:
-        summed = torch.zeros((x_rows, dx.shape[1]), device=dx.device, dtype=torch.float32)
-        dx = summed.index_add_(0, gather_idx, dx.float()).to(dy.dtype)
-    return dx
-
-
-def triton_weight_grad(
-    x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, gather_idx: torch.Tensor | None
-) -> torch.Tensor:
-    """dw of `triton_forward`: rows(x, e)^T @ dy_e per expert, zero for an empty expert."""
-    _check_device(x)
-    return _weight_grad(x, dy, offsets, gather_idx, x.dtype)
+    patch_interpreter_bf16()

@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
 
 
-def _run(out: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(out: Path, *args: str, timeout: int = 2400) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), "--dry-run", *args],
         capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "PYTHON": sys.executable},
@@ -33,8 +33,19 @@ def test_dry_run_end_to_end(tmp_path):
     sections = report["sections"]
     parity = sections["kernel_parity"]["result"]
     assert parity["passed"] and {c["name"] for c in parity["cases"]} == {"fine_g16", "e1008", "modality_e2", "skewed_empty"}
+    assert {c["variant"] for c in parity["cases"]} == {"triton", "triton_unfused_gate_up", "triton_split2"}
     assert any(c["empty_experts"] > 0 for c in parity["cases"])
-    assert {r["backend"] for r in sections["kernel_timing"]["result"]["rows"]} == {"dense matmul", "triton", "torch_grouped_mm"}
+    assert sections["kernel_compile"]["result"]["passed"]
+    timing = sections["kernel_timing"]["result"]
+    assert {r["backend"] for r in timing["rows"]} == {
+        "dense matmul", "torch_grouped_mm", "triton", "triton_unfused_gate_up", "triton_split2", "triton_split1"}
+    # the policy's table: one entry per shape key (fine_g16 and skewed_empty share one), loadable
+    from unimm.kernels.policy import load_table
+
+    table = load_table(tmp_path / "backend_table.json")
+    assert len(table) == 1 and all(k.startswith("swiglu/") for k in table)  # dry: one timed shape
+    assert (tmp_path / "tables" / "cpu.json").is_file()
+    assert "## Backend table" in (tmp_path / "gpu_check.md").read_text()
     assert sections["attention"]["result"]["parity"]["passed"]
     for name in ("train_dense", "train_modality", "train_moe"):
         metrics = sections[name]["result"]["metrics"]
@@ -45,14 +56,14 @@ def test_dry_run_end_to_end(tmp_path):
 
 
 def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path):
-    result = _run(tmp_path, "--sections", "kernel_parity,kernel_timing", "--fail-section", "kernel_parity")
+    result = _run(tmp_path, "--sections", "kernel_parity,kernel_compile", "--fail-section", "kernel_parity")
     assert result.returncode == 1  # not every section ok
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    failed, after = report["sections"]["kernel_parity"], report["sections"]["kernel_timing"]
+    failed, after = report["sections"]["kernel_parity"], report["sections"]["kernel_compile"]
     assert failed["status"] == "error" and "injected failure" in failed["error"]
     assert after["status"] == "ok"
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "| kernel_parity | error |" in md and "| kernel_timing | ok |" in md
+    assert "| kernel_parity | error |" in md and "| kernel_compile | ok |" in md
 
 
 def test_global_timeout_skips_the_rest(tmp_path):

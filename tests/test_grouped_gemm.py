@@ -10,6 +10,7 @@ The interpreter is ~3000x slower than torch: shapes stay tiny.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import sys
 import pytest
 import torch
 
-from unimm.kernels import BACKENDS, grouped_gemm, grouped_mm, swiglu_experts
+from unimm.kernels import BACKENDS, grouped_gemm, grouped_mm, launch, policy, swiglu_experts, unfused_gate_up
+from unimm.kernels import weight_grad_split
 from unimm.kernels.reference import grouped_mm_loop
 
 INTERPRETED = grouped_gemm.INTERPRETED
@@ -174,6 +176,171 @@ def test_swiglu_experts(backend, dtype, gather):
     # The hidden activation is rounded to bf16 between the GEMMs, hence the tolerance in bf16.
     for name, t, r in zip(("x", "w_gate", "w_up", "w_down"), inputs, ref_inputs):
         _assert_close(t.grad, r.grad, dtype, f"d{name}")
+
+
+# ----------------------------------------------------------------------------- production tiles
+# The Triton kernels at the sm90 tile configs they are autotuned over (launch.CONFIGS), bf16
+# operands as the GPU gets them (no upcasting; the interpreter's tl.dot widens bf16 exactly, as the
+# tensor cores do). Shapes are multiples of the tiles' small sides so that each kernel runs several
+# M-, N- and K-tiles per expert, with ragged and empty experts and the routing gather. The
+# bf16 bound: 2e-2 of the largest value (a few roundings).
+BF16_KERNEL_TOL = 2e-2
+# 262 rows: 130 (two 128-row tiles, one partial), 0, 4 (a tile of 4 rows), 0, 128 (exactly one).
+KERNEL_COUNTS = [130, 0, 4, 0, 128]
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+
+
+def _routed_inputs(gen, num_tokens, d_in, shapes):
+    rows = sum(KERNEL_COUNTS)
+    gather_idx = torch.randint(0, num_tokens, (rows,), generator=gen)
+    x = torch.randn(num_tokens, d_in, generator=gen)
+    params = [torch.randn(s, generator=gen) / s[1] ** 0.5 for s in shapes]
+    return _offsets(KERNEL_COUNTS), gather_idx, x, params
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter child process")
+@pytest.mark.parametrize("index", range(len(launch.CONFIGS["mm"])))
+def test_triton_grouped_mm_production_configs(index):
+    mm, dw = launch.CONFIGS["mm"][index], launch.CONFIGS["dw"][index % len(launch.CONFIGS["dw"])]
+    gen = torch.Generator().manual_seed(index)
+    k, n = 128, 256
+    offsets, gather_idx, x0, (w0,) = _routed_inputs(gen, 100, k, [(5, k, n)])
+    dy = torch.randn(gather_idx.shape[0], n, generator=gen).bfloat16()
+    x, w = _leaves(x0, w0, dtype=torch.bfloat16)
+    with launch.force_configs(fwd=mm, dx=mm, dw=dw), weight_grad_split(1 + index % 2):
+        y = grouped_mm(x, w, offsets, "triton", gather_idx)
+        y.backward(dy)
+    xr, wr = _leaves(x, w, dtype=torch.float64)
+    yr = _oracle(xr, wr, offsets, gather_idx)
+    yr.backward(dy.double())
+    for name, a, b in (("y", y, yr), ("dx", x.grad, xr.grad), ("dw", w.grad, wr.grad)):
+        assert a.dtype == torch.bfloat16
+        assert _rel_err(a, b) <= BF16_KERNEL_TOL, (name, mm, _rel_err(a, b))
+    assert (w.grad[[1, 3]] == 0).all(), "an empty expert's weight gradient is zero"
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter child process")
+@pytest.mark.parametrize("index", range(len(launch.CONFIGS["gate_up"])))
+def test_triton_fused_swiglu_production_configs(index):
+    """The fused gate/up kernel and its backward (dual-input dX, dual-output dW, split or not)."""
+    gate_up, mm = launch.CONFIGS["gate_up"][index], launch.CONFIGS["mm"][index]
+    dual = launch.DUAL_DW_CONFIGS[index % len(launch.DUAL_DW_CONFIGS)]
+    gen = torch.Generator().manual_seed(10 + index)
+    d, h = 128, 128
+    offsets, gather_idx, x0, params = _routed_inputs(gen, 100, d, [(5, d, h), (5, d, h), (5, h, d)])
+    dy = torch.randn(gather_idx.shape[0], d, generator=gen).bfloat16()
+    inputs = _leaves(x0, *params, dtype=torch.bfloat16)
+    with launch.force_configs(gate_up=gate_up, fwd=mm, dx=mm, dw=dual, dw_dual=dual), weight_grad_split(2 ** index):
+        y = swiglu_experts(*inputs, offsets, backend="triton", gather_idx=gather_idx)
+        y.backward(dy)
+    ref = _leaves(*inputs, dtype=torch.float64)
+    xr, gate, up, down = ref
+    hidden = torch.nn.functional.silu(_oracle(xr, gate, offsets, gather_idx)) * _oracle(xr, up, offsets, gather_idx)
+    yr = _oracle(hidden, down, offsets, None)
+    yr.backward(dy.double())
+    assert _rel_err(y, yr) <= BF16_KERNEL_TOL
+    for name, t, r in zip(("x", "w_gate", "w_up", "w_down"), inputs, ref):
+        assert _rel_err(t.grad, r.grad) <= BF16_KERNEL_TOL, (name, gate_up, _rel_err(t.grad, r.grad))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter child process")
+def test_triton_fused_and_unfused_gate_up_agree_in_fp32():
+    gen = torch.Generator().manual_seed(3)
+    offsets, gather_idx = _offsets([9, 0, 20]), torch.randint(0, 12, (29,), generator=gen)
+    x0 = torch.randn(12, 16, generator=gen)
+    params = [torch.randn(3, 16, 16, generator=gen) / 4 for _ in range(3)]
+    grads = []
+    for fused in (True, False):
+        inputs = _leaves(x0, *params, dtype=torch.float32)
+        with unfused_gate_up() if not fused else weight_grad_split(0):
+            swiglu_experts(*inputs, offsets, backend="triton", gather_idx=gather_idx).square().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_grad_split_rule():
+    # Plenty of (expert, tile) programs: no split. Few programs and many rows: split, a power of two,
+    # within the fp32 buffer cap.
+    assert launch.choose_split(262144, 256, 2048, 512, sms=132) == 1
+    split = launch.choose_split(16384, 2, 512, 512, sms=132)
+    assert split > 1 and split & (split - 1) == 0 and split <= 8
+    assert launch.choose_split(64, 2, 512, 512, sms=132) == 1  # too few rows to share
+    huge = launch.choose_split(1 << 20, 1, 8192, 16384, sms=132)
+    assert huge * 4 * 8192 * 16384 <= launch.SPLIT_BUFFER_BYTES
+
+
+# ----------------------------------------------------------------------------- auto policy
+
+
+def _fake_table(folder, device="Fake GPU 9000", entries=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{policy.gpu_slug(device)}.json"
+    path.write_text(json.dumps({"device": device, "entries": list(entries)}))
+    return path
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(policy, "TABLE_DIR", tmp_path / "tables")
+    monkeypatch.delenv(policy.BENCHMARK_ENV, raising=False)
+    policy.clear_cache()
+    yield tmp_path / "tables"
+    policy.clear_cache()
+
+
+def test_auto_policy_follows_the_measured_table(table_dir, caplog):
+    fast = policy.ShapeKey("swiglu", 262144, 2048, 512, 256, "bfloat16")
+    slow = policy.ShapeKey("swiglu", 16384, 2048, 8192, 2, "bfloat16")
+    _fake_table(table_dir, entries=[
+        {"key": fast.id(), "triton_ms": 9.0, "torch_grouped_mm_ms": 11.0},
+        {"key": slow.id(), "triton_ms": 12.0, "torch_grouped_mm_ms": 11.0},
+    ])
+    assert policy.gpu_slug("NVIDIA H200") == "nvidia-h200"
+    with caplog.at_level("INFO", logger="unimm.kernels"):
+        assert policy.decide(fast, "Fake GPU 9000") == "triton"
+        # rows in the same power-of-two bucket share the entry; the decision is logged once
+        assert policy.decide(policy.ShapeKey("swiglu", 200000, 2048, 512, 256, "bfloat16"), "Fake GPU 9000") == "triton"
+        assert policy.decide(slow, "Fake GPU 9000") == "torch_grouped_mm"
+        # unmeasured shape, other dtype, or a GPU without a table: never Triton
+        assert policy.decide(policy.ShapeKey("swiglu", 262144, 2048, 512, 128, "bfloat16"), "Fake GPU 9000") == "torch_grouped_mm"
+        assert policy.decide(policy.ShapeKey("swiglu", 262144, 2048, 512, 256, "float32"), "Fake GPU 9000") == "torch_grouped_mm"
+        assert policy.decide(fast, "Other GPU") == "torch_grouped_mm"
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 5 and sum(fast.id() in m and "Fake GPU 9000" in m for m in logged) == 1
+    assert "-> triton" in logged[0] and "table" in logged[0]
+
+
+def test_auto_policy_benchmark_at_first_use_is_opt_in_and_cached(table_dir, monkeypatch):
+    key = policy.ShapeKey("grouped_mm", 4096, 256, 256, 8, "bfloat16")
+    calls = []
+
+    def fake_measure(k):
+        calls.append(k.id())
+        return {"triton_ms": 1.0, "torch_grouped_mm_ms": 2.0}
+
+    monkeypatch.setattr(policy, "_measure", [fake_measure])
+    assert policy.decide(key, "Fake GPU 9000") == "torch_grouped_mm"  # not opted in
+    policy.clear_cache()
+    monkeypatch.setenv(policy.BENCHMARK_ENV, "1")
+    assert policy.decide(key, "Fake GPU 9000") == "triton"
+    assert policy.decide(key, "Fake GPU 9000") == "triton"
+    assert calls == [key.id()]
+
+
+def test_auto_policy_rejects_a_malformed_table(table_dir):
+    path = _fake_table(table_dir, entries=[{"key": "swiglu/m1/k1/n1/e1/bfloat16", "triton_ms": 1.0}])
+    with pytest.raises(ValueError, match=f"{path.name}.*torch_grouped_mm_ms"):
+        policy.decide(policy.ShapeKey("swiglu", 1, 1, 1, 1, "bfloat16"), "Fake GPU 9000")
+
+
+def test_auto_backend_off_cuda_is_torch_grouped_mm():
+    x, w, offsets = torch.randn(4, 8), torch.randn(2, 8, 6), _offsets([1, 3])
+    assert policy.resolve("grouped_mm", x, 4, 8, 6, 2) == "torch_grouped_mm"
+    torch.testing.assert_close(grouped_mm(x, w, offsets, "auto"), grouped_mm(x, w, offsets, "torch_grouped_mm"))
 
 
 # The loop oracle reads offsets on the host by design.

@@ -14,9 +14,17 @@ the JSON and the next section runs. Sections:
                   PARITY_TOL. Shapes: fine-grained G=16 (E 256, top-16, d_expert 512, d_model 2048,
                   16K tokens), E=1008, the modality FFN (E 2, d_expert 8192, routed by modality),
                   skewed routing with empty experts.
-  kernel_timing   forward+backward of the SwiGLU expert layer: triton vs torch_grouped_mm vs a
-                  dense SwiGLU of equal FLOPs (tools/bench_moe.py's steps); CUDA events, warmup,
-                  median of N.
+                  Each case runs the Triton variants: the default (gate/up fused in one kernel,
+                  automatic weight-gradient split), gate/up as two GEMMs, and the weight gradient
+                  split in 2 (deterministic fp32 partial sums), all against torch._grouped_mm.
+  kernel_compile  torch.compile(fullgraph=True) of the Triton SwiGLU layer (triton_ops traced into
+                  by Inductor) vs eager: gradients, and the first call's time.
+  kernel_timing   forward+backward of the SwiGLU expert layer at every parity shape (uniform and
+                  skewed routing): torch_grouped_mm, each Triton variant (and the weight gradient
+                  unsplit), a dense SwiGLU of equal FLOPs (tools/bench_moe.py's); CUDA events,
+                  warmup, median of N. Writes OUT/backend_table.json, the `auto` policy's table
+                  (copy it to kernels/tables/<gpu-slug>.json to commit it), and OUT/tables/ for
+                  the training sections below, whose `auto` then follows this GPU's measurement.
   attention       FlexAttention (compiled as torchtitan compiles it) with the packed hybrid mask
                   (unimm.masks, document/frame ids laid out as the packer lays them) vs pure
                   causal, and vs SDPA with the same mask as a dense boolean tensor; fwd+bwd.
@@ -54,12 +62,19 @@ Both accumulate in fp32 and round to bf16 (unit roundoff 2^-8 = 3.9e-3); the Swi
 intermediate can differ by one rounding between the two, which the next GEMM propagates, so a
 few roundings of the largest value are allowed, and nothing a wrong row or expert would give."""
 
-SECTIONS = ("kernel_parity", "kernel_timing", "attention", "train_dense", "train_modality", "train_moe")
+SECTIONS = ("kernel_parity", "kernel_compile", "kernel_timing", "attention", "train_dense", "train_modality", "train_moe")
 BUDGET_S = {  # per-section wall-clock budgets on the GPU (seconds); the global timeout caps them
-    "kernel_parity": 75, "kernel_timing": 75, "attention": 75,
-    "train_dense": 100, "train_modality": 100, "train_moe": 100,
+    # kernel_parity autotunes every Triton kernel at each shape on first use (compiles included;
+    # TRITON_CACHE_AUTOTUNING=1 lets the later sections reuse the choices)
+    # (Inductor autotunes the compiled layer's Triton kernels again: kernel_compile gets a minute)
+    "kernel_parity": 110, "kernel_compile": 60, "kernel_timing": 70, "attention": 45,
+    "train_dense": 65, "train_modality": 65, "train_moe": 65,
 }
-DRY_BUDGET_S = {name: 120 for name in SECTIONS}
+DRY_BUDGET_S = {name: 300 for name in SECTIONS}
+"""Dry run (CPU): a guard against hangs only; a busy 2-core machine needs minutes a section."""
+CARRIED_DISTRIBUTIONS = ("torchtitan", "torchdata", "webdataset", "tyro", "datasets", "spmd_types", "torch_checkpointing")
+"""Distributions the GPU image lacks (docs/benchmarks.md: carried as wheels); the report lists
+their versions, or "missing"."""
 MOE_SHORT_LAYERS = 4
 """moe_e256 at full depth (16 layers, ~13B expert parameters, with AdamW state) does not fit on
 one GPU: the check trains it at this depth."""
@@ -168,10 +183,46 @@ def _rel(a, b) -> tuple[float, float]:
     return diff, diff / scale if scale > 0 else diff
 
 
+def _variant(name: str):
+    """Context of one Triton variant: fused gate/up with the automatic weight-grad split (the
+    default), gate/up as two GEMMs, or the weight gradient split in 2 / not split."""
+    import contextlib
+
+    from unimm.kernels import unfused_gate_up, weight_grad_split
+
+    return {"triton": contextlib.nullcontext(), "triton_unfused_gate_up": unfused_gate_up(),
+            "triton_split2": weight_grad_split(2), "triton_split1": weight_grad_split(1)}[name]
+
+
+def _variants(shape: dict, dry: bool) -> list[str]:
+    """The Triton variants run at `shape`. Dry run (the interpreter costs seconds a launch): every
+    variant at the modality shape only. split2 on E=1008 would hold 2 x 2 fp32 [1008, 2048, 512]
+    partial buffers (17 GB): left out."""
+    if dry and shape["routing"] != "modality":
+        return ["triton"]
+    return ["triton", "triton_unfused_gate_up"] + (["triton_split2"] if shape["experts"] <= 256 else [])
+
+
+def timing_shapes(dry: bool) -> list[dict]:
+    """Every parity shape on the GPU; the dry run times the modality shape (the same code path,
+    every variant, at the interpreter's cheapest shape)."""
+    shapes = parity_shapes(dry)
+    return [s for s in shapes if s["name"] == "modality_e2"] if dry else shapes
+
+
+def _swiglu_run(shape: dict, backend: str, base, offsets, gather_idx, dy):
+    from unimm.kernels import swiglu_experts
+
+    params = [p.detach().clone().requires_grad_() for p in base]
+    with _variant(backend) if backend.startswith("triton") else _variant("triton"):
+        y = swiglu_experts(*params, offsets, backend="triton" if backend.startswith("triton") else backend,
+                           gather_idx=gather_idx)
+        y.backward(dy)
+    return [y.detach()] + [p.grad for p in params]
+
+
 def section_kernel_parity(ctx: dict) -> dict:
     import torch
-
-    from unimm.kernels import swiglu_experts
 
     device, dtype = ctx["device"], torch.bfloat16
     cases = []
@@ -180,50 +231,135 @@ def section_kernel_parity(ctx: dict) -> dict:
         gather_idx, offsets, empty = make_routing(shape, device, gen)
         base = _expert_tensors(shape, device, dtype, gen)
         dy = torch.randn(gather_idx.shape[0], shape["d_model"], device=device, generator=gen).to(dtype)
-        results = {}
-        for backend in ("triton", "torch_grouped_mm"):
-            params = [p.detach().clone().requires_grad_() for p in base]
-            y = swiglu_experts(*params, offsets, backend=backend, gather_idx=gather_idx)
-            y.backward(dy)
-            results[backend] = [y.detach()] + [p.grad for p in params]
-            del y, params
-        errors = {}
-        for name, a, b in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), results["triton"], results["torch_grouped_mm"]):
-            finite = bool(torch.isfinite(a).all())
-            abs_err, rel_err = _rel(a, b)
-            errors[name] = dict(max_abs=abs_err, max_rel=rel_err, finite=finite, passed=finite and rel_err <= PARITY_TOL)
-        cases.append(dict(shape, rows=int(gather_idx.shape[0]), empty_experts=empty, errors=errors,
-                          passed=all(v["passed"] for v in errors.values())))
-        del results
+        ref = _swiglu_run(shape, "torch_grouped_mm", base, offsets, gather_idx, dy)
+        for variant in _variants(shape, ctx["dry"]):
+            out = _swiglu_run(shape, variant, base, offsets, gather_idx, dy)
+            errors = {}
+            for name, a, b in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), out, ref):
+                finite = bool(torch.isfinite(a).all())
+                abs_err, rel_err = _rel(a, b)
+                errors[name] = dict(max_abs=abs_err, max_rel=rel_err, finite=finite, passed=finite and rel_err <= PARITY_TOL)
+            cases.append(dict(shape, variant=variant, rows=int(gather_idx.shape[0]), empty_experts=empty, errors=errors,
+                              passed=all(v["passed"] for v in errors.values())))
+            del out
+        del ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return dict(dtype="bf16", tolerance=PARITY_TOL, tolerance_rule="max|triton-torch|/max|torch| per tensor",
                 cases=cases, passed=all(c["passed"] for c in cases))
 
 
+def section_kernel_compile(ctx: dict) -> dict:
+    """torch.compile(fullgraph=True) of the Triton SwiGLU layer (its triton_ops traced into by
+    Inductor) against the same layer eager: output and gradients. The dry run compiles with
+    aot_eager and the torch_grouped_mm backend (interpreted kernels are not traceable)."""
+    import torch
+
+    from unimm.kernels import swiglu_experts
+
+    device, dtype, dry = ctx["device"], torch.bfloat16, ctx["dry"]
+    backend = "torch_grouped_mm" if dry else "triton"
+    shape = parity_shapes(dry)[0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    gather_idx, offsets, _ = make_routing(shape, device, gen)
+    base = _expert_tensors(shape, device, dtype, gen)
+    dy = torch.randn(gather_idx.shape[0], shape["d_model"], device=device, generator=gen).to(dtype)
+
+    def layer(x, w1, w3, w2):
+        return swiglu_experts(x, w1, w3, w2, offsets, backend=backend, gather_idx=gather_idx)
+
+    compiled = torch.compile(layer, fullgraph=True, **({"backend": "aot_eager"} if dry else {}))
+    results = []
+    t0 = time.perf_counter()
+    for fn in (layer, compiled):
+        params = [p.detach().clone().requires_grad_() for p in base]
+        fn(*params).backward(dy)
+        results.append([p.grad for p in params])
+        if fn is compiled:
+            _sync(device)
+            compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    errors = {name: _rel(a, b)[1] for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), *results)}
+    # steady-state fwd+bwd, eager vs compiled: a compiled layer that copies its weights (a kernel
+    # argument wrongly taken as mutated) shows here
+    params = [p.detach().clone().requires_grad_() for p in base]
+    times = {}
+    for name, fn in (("eager_ms", layer), ("compiled_ms", compiled)):
+        def step(fn=fn):
+            fn(*params).backward(dy)
+            for p in params:
+                p.grad = None
+        times[name] = median_ms(step, 1 if dry else 5, 0 if dry else 1, device)
+    return dict(case=shape["name"], backend=backend, compiler="aot_eager (dry run)" if dry else "inductor",
+                fullgraph=True, first_call_s=compile_s, max_rel=errors, passed=max(errors.values()) <= PARITY_TOL, **times)
+
+
+def _timed_step(shape: dict, backend: str, dtype, device, gen):
+    """fwd+bwd of the SwiGLU expert layer at `shape` with its routing (uniform or skewed)."""
+    import torch
+
+    from unimm.kernels import swiglu_experts
+
+    gather_idx, offsets, _ = make_routing(shape, device, gen)
+    params = [p.requires_grad_() for p in _expert_tensors(shape, device, dtype, gen)]
+    dy = torch.randn(gather_idx.shape[0], shape["d_model"], device=device, generator=gen).to(dtype)
+    concrete = "triton" if backend.startswith("triton") else backend
+
+    def step():
+        with _variant(backend) if backend.startswith("triton") else _variant("triton"):
+            swiglu_experts(*params, offsets, backend=concrete, gather_idx=gather_idx).backward(dy)
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def backend_table(rows: list[dict], shapes: list[dict], env: dict) -> dict:
+    """The `auto` policy's table (unimm.kernels.policy) from the timing rows: per shape key the
+    default triton variant vs torch_grouped_mm; where two cases share a key (uniform and skewed
+    routing) the one less favourable to Triton is kept."""
+    from unimm.kernels.policy import ShapeKey
+
+    entries = {}
+    for shape in shapes:
+        times = {r["backend"]: r["ms"] for r in rows if r["layer"] == shape["name"]}
+        if "triton" not in times or "torch_grouped_mm" not in times:
+            continue
+        key = ShapeKey("swiglu", shape["tokens"] * shape["top_k"], shape["d_model"], shape["d_expert"],
+                       shape["experts"], "bfloat16").id()
+        entry = dict(key=key, triton_ms=times["triton"], torch_grouped_mm_ms=times["torch_grouped_mm"], case=shape["name"])
+        old = entries.get(key)
+        if old is None or entry["triton_ms"] / entry["torch_grouped_mm_ms"] > old["triton_ms"] / old["torch_grouped_mm_ms"]:
+            entries[key] = entry
+    return dict(device=env.get("device"), torch=env.get("torch"), triton=env.get("triton"), date=env.get("date"),
+                command=env.get("command"), entries=list(entries.values()))
+
+
 def section_kernel_timing(ctx: dict) -> dict:
     import torch
 
+    from unimm.kernels.policy import gpu_slug
+
     bench = _bench_moe()
     device, dtype = ctx["device"], torch.bfloat16
-    iters, warmup = (1, 1) if ctx["dry"] else (10, 3)
+    iters, warmup = (1, 0) if ctx["dry"] else (10, 3)
     rows = []
-    shapes = [s for s in parity_shapes(ctx["dry"]) if s["routing"] != "skewed"]  # timing: uniform routing
-    for shape in shapes[:1] if ctx["dry"] else shapes:  # dry: the same code path, one shape
+    shapes = timing_shapes(ctx["dry"])
+    for shape in shapes:
         layer = bench.Layer(shape["name"], tokens=shape["tokens"], d_model=shape["d_model"],
                             d_expert=shape["d_expert"], experts=shape["experts"], top_k=shape["top_k"])
         gen = torch.Generator(device=device).manual_seed(0)
         steps = {"dense matmul": bench.dense_step(layer, dtype, device, gen)}
-        for backend in ("triton", "torch_grouped_mm"):
-            steps[backend] = bench.expert_step(layer, backend, dtype, device, gen)
+        for backend in ("torch_grouped_mm", *_variants(shape, ctx["dry"]), "triton_split1"):
+            steps[backend] = _timed_step(shape, backend, dtype, device, gen)
         times = {}
         for name, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ms = median_ms(step, iters, warmup, device)
             times[name] = ms
-            rows.append(dict(layer=layer.name, backend=name, ms=ms, tflops=layer.flops / (ms * 1e-3) / 1e12,
-                             peak_mib=_peak_mib(device)))
+            rows.append(dict(layer=layer.name, routing=shape["routing"], backend=name, ms=ms,
+                             tflops=layer.flops / (ms * 1e-3) / 1e12, peak_mib=_peak_mib(device)))
         for row in rows:
             if row["layer"] == layer.name:
                 row["vs_dense"] = times["dense matmul"] / row["ms"]
@@ -231,8 +367,15 @@ def section_kernel_timing(ctx: dict) -> dict:
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    env = json.loads((Path(ctx["out"]) / "environment.json").read_text())
+    table = backend_table(rows, shapes, env)
+    (Path(ctx["out"]) / "backend_table.json").write_text(json.dumps(table, indent=2))
+    # where the training sections' `auto` reads it (UNIMM_KERNEL_TABLES)
+    tables = Path(ctx["out"]) / "tables"
+    tables.mkdir(exist_ok=True)
+    (tables / f"{gpu_slug(str(env.get('device')))}.json").write_text(json.dumps(table, indent=2))
     return dict(dtype="bf16", iters=iters, warmup=warmup, timer="cuda events" if device.type == "cuda" else "perf_counter",
-                rows=rows)
+                rows=rows, backend_table=table["entries"])
 
 
 # ----------------------------------------------------------------------------- attention
@@ -430,6 +573,14 @@ def section_train(section: str, ctx: dict) -> dict:
         cmd = [str(_procedural_shards(ctx)) if a == "@SHARDS@" else a for a in cmd]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS), str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
+    tables = Path(ctx["out"]) / "tables"
+    compiled = Path(ctx["out"]) / "sections" / "kernel_compile.json"
+    compile_ok = compiled.is_file() and json.loads(compiled.read_text()).get("result", {}).get("passed", False)
+    # `auto` follows the table kernel_timing measured on this GPU, once the compiled Triton layer
+    # is known to work (the training steps are compiled); else auto stays on torch._grouped_mm
+    if tables.is_dir() and compile_ok:
+        env["UNIMM_KERNEL_TABLES"] = str(tables)
+    plan["kernel_tables"] = str(tables) if "UNIMM_KERNEL_TABLES" in env else "none (auto = torch_grouped_mm)"
     log = Path(plan["run"] + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -448,6 +599,7 @@ def section_train(section: str, ctx: dict) -> dict:
 
 RUNNERS = {
     "kernel_parity": section_kernel_parity,
+    "kernel_compile": section_kernel_compile,
     "kernel_timing": section_kernel_timing,
     "attention": section_attention,
     "train_dense": lambda ctx: section_train("train_dense", ctx),
@@ -525,6 +677,16 @@ def environment(args, command: str) -> dict:
         info["triton"] = triton.__version__
     except Exception as err:  # noqa: BLE001
         info["triton"] = f"unavailable: {err}"
+    # what the training sections need beyond the GPU image (carried as wheels in .whl/)
+    from importlib import metadata
+
+    deps = {}
+    for name in CARRIED_DISTRIBUTIONS:
+        try:
+            deps[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            deps[name] = "missing"
+    info["carried"] = deps
     return info
 
 
@@ -535,7 +697,7 @@ def _fmt(v, spec=".3g"):
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# GPU check", "", "| field | value |", "| --- | --- |"]
-    for key in ("device", "torch", "triton", "cuda", "python", "date", "mode", "command", "total_s"):
+    for key in ("device", "torch", "triton", "cuda", "python", "carried", "date", "mode", "command", "total_s"):
         value = report.get(key, env.get(key))
         lines.append(f"| {key} | `{value}` |" if key == "command" else f"| {key} | {_fmt(value)} |")
     lines += ["", "## Sections", "", "| section | status | seconds | budget s | note |", "| --- | --- | --- | --- | --- |"]
@@ -546,19 +708,31 @@ def markdown(report: dict) -> str:
     if sec.get("kernel_parity", {}).get("status") == "ok":
         r = sec["kernel_parity"]["result"]
         lines += ["", f"## Kernel parity (bf16, triton vs torch._grouped_mm; pass: max rel <= {r['tolerance']})", "",
-                  "| case | tokens | d_model | d_expert | E | top-k | empty E | tensor | max abs | max rel | pass |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| case | variant | tokens | d_model | d_expert | E | top-k | empty E | tensor | max abs | max rel | pass |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in r["cases"]:
             for t, e in c["errors"].items():
-                lines.append(f"| {c['name']} | {c['tokens']} | {c['d_model']} | {c['d_expert']} | {c['experts']} | {c['top_k']} "
-                             f"| {c['empty_experts']} | {t} | {_fmt(e['max_abs'])} | {_fmt(e['max_rel'])} | {e['passed']} |")
+                lines.append(f"| {c['name']} | {c['variant']} | {c['tokens']} | {c['d_model']} | {c['d_expert']} | {c['experts']} "
+                             f"| {c['top_k']} | {c['empty_experts']} | {t} | {_fmt(e['max_abs'])} | {_fmt(e['max_rel'])} | {e['passed']} |")
+    if sec.get("kernel_compile", {}).get("status") == "ok":
+        r = sec["kernel_compile"]["result"]
+        errs = ", ".join(f"{k} {_fmt(v)}" for k, v in r["max_rel"].items())
+        lines += ["", f"## Compiled SwiGLU layer ({r['backend']}, {r['compiler']}, fullgraph, {r['case']}): "
+                  f"first call {_fmt(r['first_call_s'])} s; fwd+bwd eager {_fmt(r['eager_ms'])} ms, compiled "
+                  f"{_fmt(r['compiled_ms'])} ms; max rel vs eager: {errs}; pass {r['passed']}"]
     if sec.get("kernel_timing", {}).get("status") == "ok":
         r = sec["kernel_timing"]["result"]
         lines += ["", f"## Kernel timing (fwd+bwd, median of {r['iters']}, {r['timer']})", "",
-                  "| layer | backend | ms | TFLOP/s | vs dense | vs torch_grouped_mm | peak MiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| layer | routing | backend | ms | TFLOP/s | vs dense | vs torch_grouped_mm | peak MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in r["rows"]:
-            lines.append(f"| {row['layer']} | {row['backend']} | {_fmt(row['ms'])} | {_fmt(row['tflops'])} | {_fmt(row.get('vs_dense'))} "
-                         f"| {_fmt(row.get('vs_torch_grouped_mm'))} | {_fmt(row.get('peak_mib'), '.0f')} |")
+            lines.append(f"| {row['layer']} | {row['routing']} | {row['backend']} | {_fmt(row['ms'])} | {_fmt(row['tflops'])} "
+                         f"| {_fmt(row.get('vs_dense'))} | {_fmt(row.get('vs_torch_grouped_mm'))} | {_fmt(row.get('peak_mib'), '.0f')} |")
+        lines += ["", "## Backend table (backend_table.json: `auto` picks triton where triton ms < torch ms)", "",
+                  "| key | case | triton ms | torch_grouped_mm ms | auto |", "| --- | --- | --- | --- | --- |"]
+        for e in r["backend_table"]:
+            pick = "triton" if e["triton_ms"] < e["torch_grouped_mm_ms"] else "torch_grouped_mm"
+            lines.append(f"| {e['key']} | {e['case']} | {_fmt(e['triton_ms'])} | {_fmt(e['torch_grouped_mm_ms'])} | {pick} |")
     if sec.get("attention", {}).get("status") == "ok":
         r = sec["attention"]["result"]
         lines += ["", f"## Attention (B {r['batch']}, seq {r['seq']}, {r['heads']} heads x {r['head_dim']}, {r['dtype']}; "
@@ -584,12 +758,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder: gpu_check.json, gpu_check.md, sections/, runs/, data/")
     p.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, TRITON_INTERPRET=1, debug recipes")
-    p.add_argument("--timeout", type=float, default=480.0, help="global wall-clock limit in seconds (default 480)")
+    p.add_argument("--timeout", type=float, help="global wall-clock limit in seconds (default 480; dry run 2400)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--fail-section", default="", help="test hook: make these sections (comma-separated) raise")
     p.add_argument("--section", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 2400.0 if args.dry_run else 480.0
     args.fail_section = [s for s in args.fail_section.split(",") if s]
     return args
 
@@ -608,6 +784,7 @@ def main(argv=None) -> int:
         sys.exit(f"unknown sections {unknown}; choose from {SECTIONS}")
     command = os.environ.get("GPU_CHECK_COMMAND") or shlex.join([sys.executable, *sys.argv])
     report = dict(environment=environment(args, command), sections={})
+    (out / "environment.json").write_text(json.dumps(report["environment"], indent=2))
     budgets = DRY_BUDGET_S if args.dry_run else BUDGET_S
     for name in names:
         left = args.timeout - (time.perf_counter() - start)

@@ -4,8 +4,10 @@
 #
 #   bash tools/gpu_check.sh OUT_DIR [--dry-run] [--timeout S] [--sections a,b,...]
 #
-# Writes OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.json (also after every section). Global
-# timeout 480 s unless --timeout is given. --dry-run runs every code path on CPU at tiny shapes.
+# Writes OUT_DIR/gpu_check.md, OUT_DIR/gpu_check.json (also after every section) and
+# OUT_DIR/backend_table.json (the `auto` policy's table, kernels/policy.py). Global
+# timeout 480 s (dry run 2400 s) unless --timeout is given. --dry-run runs every code path on
+# CPU at tiny shapes.
 # On a machine whose Python lacks the project's dependencies (torchtitan, webdataset, torchdata,
 # av, ...), wheels in .whl/ (see /work/.library/device/README.md) are installed into /tmp/site.
 set -uo pipefail
@@ -30,4 +32,6 @@ if ! "$PYTHON" -c "import unimm.kernels" >/dev/null 2>&1; then
 fi
 export GPU_CHECK_COMMAND="bash tools/gpu_check.sh $OUT $*"
 export PYTHONUNBUFFERED=1
+# Triton keeps autotuning choices on disk: later sections (own processes) reuse kernel_parity's.
+export TRITON_CACHE_AUTOTUNING=1
 cd "$ROOT" && exec "$PYTHON" tools/gpu_check.py "$OUT" "$@"

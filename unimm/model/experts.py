@@ -40,10 +40,12 @@ class ExpertWeights(Module):
 
 
 def expert_backend(name: str, x: torch.Tensor) -> str:
-    """``auto``: the Triton kernel on CUDA, ``torch._grouped_mm`` elsewhere."""
+    """``auto``: on CUDA the engine's own ``auto`` (the Triton kernel where this GPU model's
+    measured table says it beats ``torch._grouped_mm`` for the layer's shape, else
+    ``torch._grouped_mm``: ``unimm.kernels.policy``), ``torch._grouped_mm`` elsewhere."""
     if name != "auto":
         return name
-    return "triton" if x.is_cuda else "torch_grouped_mm"
+    return "auto" if x.is_cuda else "torch_grouped_mm"
 
 
 def local_tensor(w: torch.Tensor) -> torch.Tensor:

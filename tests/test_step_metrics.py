@@ -34,6 +34,7 @@ def test_window_metrics_by_hand():
         "perf/data_wait_s": 0.125,  # per step
         "perf/data_wait_share": 0.25,  # of the window's wall time
         "perf/mask_build_s": 0.05,
+        "perf/mask_build_device_s": None,  # no CUDA events: no device time
     }
     # tensor parallel over 2 devices: each device's share of a replica's tokens (torchtitan's tps)
     tp2 = sm.window_metrics(
@@ -43,6 +44,15 @@ def test_window_metrics_by_hand():
     assert tp2["perf/tokens_per_s_per_device"] == 2048.0
     assert tp2["perf/mfu"] is None
     assert tp2["perf/data_wait_share"] == 0.0
+    device = sm.window_metrics(
+        tokens=8192, window_s=2.0, steps=4, data_wait_s=0.0, mask_build_s=0.0,
+        flops_per_token=1e9, peak=None, memory_gib=0.0, mask_build_device_s=0.4,
+    )
+    assert device["perf/mask_build_device_s"] == 0.1  # per step
+    spans = sm.DeviceSpans(torch.device("cpu"))
+    with spans.span():
+        pass
+    assert spans.total_s() is None  # no device clock off CUDA
     assert sm.share(1.0, 0.0) is None
 
 

@@ -10,16 +10,61 @@ with per-step weights; see ``LossCentering``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torchtitan.components.loss import BaseLoss
 from torchtitan.config import CompileConfig
 
+from unimm.data.batch import IGNORE_INDEX
 from unimm.errors import ConfigError
 from unimm.flow import FlowMatchingConfig, flow_loss_sum
+
+
+def chunked_cross_entropy_sum(
+    h_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, chunk_rows: int,
+    bias_V: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over rows of the cross-entropy of the logits ``h_ND @ weight_VD.T (+ bias_V)``
+    against ``labels_N`` (rows labelled ``IGNORE_INDEX`` add nothing), in float32,
+    ``chunk_rows`` rows at a time.
+
+    Each chunk's logits, their float32 copy and softmax exist only while that chunk is
+    computed: the chunk is checkpointed, so backward keeps just its hidden rows and recomputes
+    the logits. Plain cross-entropy over [N, V] logits keeps the float32 log-softmax [N, V]
+    alive from forward to backward (4 GiB at 8192 targets and a 128k vocabulary). Chunk
+    boundaries depend only on N, so fixed-capacity rows (unimm.data.wire) give a fixed graph.
+    """
+    if chunk_rows <= 0:
+        raise ValueError(f"loss.lm_chunk_rows={chunk_rows}: expected a positive number of rows")
+
+    def chunk_sum(h_chunk, weight, bias, labels_chunk) -> torch.Tensor:
+        logits = F.linear(h_chunk, weight, bias).float()
+        return F.cross_entropy(logits, labels_chunk, reduction="sum", ignore_index=IGNORE_INDEX)
+
+    total = h_ND.new_zeros((), dtype=torch.float32)
+    for start in range(0, h_ND.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        total = total + checkpoint(chunk_sum, h_ND[rows], weight_VD, bias_V, labels_N[rows], use_reentrant=False)
+    return total
+
+
+def masked_flow_loss_sum(
+    pred_MC: torch.Tensor, z0_MC: torch.Tensor, eps_MC: torch.Tensor, t_M1: torch.Tensor,
+    valid_M: torch.Tensor, config: FlowMatchingConfig,
+) -> torch.Tensor:
+    """``flow_loss_sum`` over the rows where ``valid_M`` is True (padding of a fixed-capacity
+    index list adds exactly 0: its prediction and targets are zeroed, the error is 0 / floor)."""
+    keep_M1 = valid_M[:, None]
+    zero = torch.zeros((), dtype=z0_MC.dtype, device=z0_MC.device)
+    return flow_loss_sum(
+        torch.where(keep_M1, pred_MC, zero.to(pred_MC.dtype)), torch.where(keep_M1, z0_MC, zero),
+        torch.where(keep_M1, eps_MC, zero), t_M1, config,
+    )
 
 
 class LossCentering:
@@ -108,6 +153,10 @@ class TransfusionLoss(BaseLoss):
         vision, toward 0 text."""
         center_momentum: float = 0.99
         """EMA momentum mu of the running center."""
+        lm_chunk_rows: int = 1024
+        """Rows per chunk of the LM head and cross-entropy in training
+        (``chunked_cross_entropy_sum``): the float32 logits alive at a time are
+        lm_chunk_rows x vocab_size."""
 
     def __init__(self, config: Config, *, compile_config: CompileConfig | None = None):
         self.config = config
@@ -129,6 +178,32 @@ class TransfusionLoss(BaseLoss):
         loss_lm = F.cross_entropy(logits_NV.float(), text_labels_N, reduction="sum") / global_counts[0]
         loss_flow = flow_loss_sum(flow_pred_MC, z0_MC, eps_MC, t_M1, self.config.flow) / global_counts[1]
         return loss_lm, loss_flow
+
+    def lm_loss(self, labels_N: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The model's ``lm_loss`` argument for these targets: the chunked cross-entropy sum of
+        the LM head over the target rows (``UnimmModel.forward``, ``LMHead``)."""
+
+        def lm_loss(h_ND: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None) -> torch.Tensor:
+            return chunked_cross_entropy_sum(h_ND, weight_VD, labels_N, self.config.lm_chunk_rows, bias_V)
+
+        return lm_loss
+
+    def step_parts(
+        self,
+        lm_sum: torch.Tensor,
+        flow_pred_MC: torch.Tensor,
+        z0_MC: torch.Tensor,
+        eps_MC: torch.Tensor,
+        t_M1: torch.Tensor,
+        flow_valid_M: torch.Tensor,
+        global_counts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_LM, L_flow) of a training microbatch: its LM cross-entropy sum (from ``lm_loss``)
+        and its flow loss over the valid rows of fixed-capacity index lists, over the global
+        counts. Same values as ``parts``, over static shapes and without boolean indexing."""
+        loss_lm = lm_sum / global_counts[0]
+        loss_flow = masked_flow_loss_sum(flow_pred_MC, z0_MC, eps_MC, t_M1, flow_valid_M, self.config.flow)
+        return loss_lm, loss_flow / global_counts[1]
 
     def combine(
         self,

@@ -4,6 +4,13 @@ One rule, written once as a FlexAttention ``mask_mod``: a query sees a key iff b
 the same packed document and the key is earlier in the sequence or both belong to the same
 frame. On CUDA it becomes a ``BlockMask``; where FlexAttention has no backward (CPU) the same
 ``mask_mod`` is evaluated densely and handed to ``scaled_dot_product_attention``.
+
+On CUDA the block mask is built by ``create_block_mask`` compiled, as torchtitan builds its
+own (``torchtitan.models.common.attention.create_attention_mask``): eager, it materialises
+the [B, L, L] mask before reducing it to blocks and costs 0.15-0.3 s a call at long packed
+rows (pytorch#151043). The ids are arguments of the compiled graph, not constants, so new
+batches of the same shape reuse it. The trainer builds one mask per microbatch, outside the
+model, and every layer reads it.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from torchtitan.models.common.attention import create_attention_mask as compiled_create_block_mask
 
 AttentionMask = BlockMask | torch.Tensor
 MaskBackend = Literal["flex", "sdpa"]
@@ -33,17 +41,21 @@ def build_attention_mask(
     document_ids_BL: torch.Tensor,
     frame_ids_BL: torch.Tensor,
     backend: MaskBackend,
+    compiled: bool | None = None,
 ) -> AttentionMask:
     """Build the mask for one batch; call once per batch, outside the model's layer loop.
 
-    ``flex`` gives a ``BlockMask`` (block-sparse, what FlexAttention consumes); ``sdpa`` gives
-    a dense boolean ``[B, 1, L, L]`` tensor from the same ``mask_mod``.
+    ``flex`` gives a ``BlockMask`` (block-sparse, what FlexAttention consumes), built by the
+    compiled ``create_block_mask`` when ``compiled`` (None: on CUDA); ``sdpa`` gives a dense
+    boolean ``[B, 1, L, L]`` tensor from the same ``mask_mod``.
     """
     B, L = document_ids_BL.shape
     mask_mod = hybrid_mask_mod(document_ids_BL, frame_ids_BL)
     device = document_ids_BL.device
     if backend == "flex":
-        return create_block_mask(mask_mod, B, None, L, L, device=device)
+        use_compiled = device.type == "cuda" if compiled is None else compiled
+        build = compiled_create_block_mask if use_compiled else create_block_mask
+        return build(mask_mod, B, None, L, L, device=device)
     if backend == "sdpa":
         return create_mask(mask_mod, B, 1, L, L, device=device)
     raise ValueError(f"attention backend must be 'flex' or 'sdpa', got {backend!r}")

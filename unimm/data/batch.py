@@ -27,6 +27,11 @@ Dual encoder only (a model with ``understanding_dim`` > 0; paper §6.3), two mor
 - ``understanding_latents``  float32 [B, L, C_u]. Those latents at those positions, zeros
                              elsewhere. ``latents`` then holds zeros there: it carries the
                              generation latents, at the positions that hold them.
+
+This is the dense batch that ``PackedMultimodalDataset.next_batch`` gives and tools use. On
+its way to the training device a batch travels in the wire format of unimm.data.wire (latent
+rows only, index tensors of the LM targets and denoised positions), which ``wire.to_device``
+turns back into these fields on the device.
 """
 
 from __future__ import annotations

@@ -57,8 +57,15 @@ Worker processes (`num_workers` W > 0): the rank's streams are split into W cont
 worker w owns group w and builds whole local batches from its own streams only, and the
 dataloader takes batches from the workers in turn. The batch sequence then depends on
 (seed, S, global batch size, W); it stays deterministic and resumes exactly (torchdata keeps
-each worker's dataset state). One process is usually enough: docs/benchmarks.md measures it
-packing the paper's batches about 4x faster than an H100 consumes them.
+each worker's dataset state). One worker is usually enough: docs/benchmarks.md measures one
+process packing the paper's batches about 4x faster than an H100 consumes them.
+
+Overlap with the device (``overlap``, on by default on CUDA): at least one worker builds the
+next batches while the device computes, the DataLoader pins them, and the trainer copies them
+non-blocking; one worker reads the same streams as the training process, so turning it on
+changes no batch. Batches bound for a device (``device_type``, set by the trainer) travel in
+the wire format (unimm.data.wire): latent rows only, in bfloat16 on CUDA, and the index
+tensors of the step's heads and losses.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from unimm.data.doc_lengths import DocumentLengths
 from unimm.data.packer import Packer, Row, empty_rows
 from unimm.data.sequences import Document, LayoutSettings, SpecialTokens, build_document
 from unimm.data.shards import MAX_LATENT_DEVIATION, Manifest, SampleSpec, ShardCursor, load_manifest
+from unimm.data.wire import WireFormat, encode
 from unimm.data_pipelines.write_shards import ensure_procedural_shards
 from unimm.errors import ConfigError, DataError
 from unimm.tokenizer import Tokenizer
@@ -248,7 +256,10 @@ class PackedMultimodalDataset(IterableDataset):
         num_workers: int = 0,
         max_latent_deviation: float = MAX_LATENT_DEVIATION,
         understanding_dim: int = 0,
+        wire: WireFormat | None = None,
     ) -> None:
+        """``wire``: iteration yields the wire format (unimm.data.wire), for the trainer; None:
+        the dense batches of batch.py (``next_batch`` gives those either way)."""
         num_streams = num_streams or dp_world_size
         if num_streams % dp_world_size:
             raise ConfigError(
@@ -301,6 +312,7 @@ class PackedMultimodalDataset(IterableDataset):
         self.streams_per_batch = per_group
         self._seq_len, self._latent_dim, self._pad_id = seq_len, spec.latent_dim, tokenizer.pad_id
         self._understanding_dim = understanding_dim
+        self.wire = wire
         self.streams = [
             _Stream(
                 s,
@@ -346,6 +358,8 @@ class PackedMultimodalDataset(IterableDataset):
         group = 0 if worker is None else worker.id
         while True:
             fields, labels, provenance = self._next_batch(group)
+            if self.wire is not None:
+                fields = encode(fields, labels, self.wire, self._pad_id)
             fields[STATS_KEY] = (group, stream_stats(self._group(group)))
             fields[PROVENANCE_KEY] = provenance
             yield fields, labels
@@ -504,6 +518,22 @@ def _check_weights(weights: dict[str, float], manifest: Manifest) -> dict[str, f
     return used
 
 
+OVERLAP_PREFETCH = 4
+"""Batches each worker builds ahead when ``prefetch_factor`` is unset (torchtitan's default is
+2): a step of several microbatches takes them in a burst."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderSettings:
+    """What ``MultimodalDataLoader.Config.resolved`` decides for the torch DataLoader."""
+
+    num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None
+    persistent_workers: bool
+    wire: WireFormat | None
+
+
 def _keep(batch: Batch) -> Batch:
     # The dataset already yields whole tensor batches; the default converter would turn the
     # (input_dict, labels) tuple into a list.
@@ -591,6 +621,47 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         """Width of the understanding latents the model reads (dual encoder; 0: none); the
         trainer sets it from the model config."""
 
+        device_type: str = ""
+        """The device type the batches go to ("cuda", "cpu"); the trainer sets it. Empty (tools,
+        evaluation): dense float32 batches (batch.py) built in this process. Set: the wire
+        format (unimm.data.wire), and the ``auto`` settings below follow the device."""
+
+        overlap: Literal["auto", "on", "off"] = "auto"
+        """Build batches in a worker process while the device computes (at least one worker,
+        ``prefetch_factor`` batches ahead, pinned memory on CUDA for non-blocking copies).
+        ``auto``: on when batches go to a CUDA device. One worker reads the same streams as
+        the training process would, so the batches do not change (num_workers above 1 does)."""
+
+        latent_wire_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+        """Dtype of the latent rows on their way to the device; ``auto``: bfloat16 on CUDA (the
+        model computes in it), float32 elsewhere (exact)."""
+
+        lm_capacity: float = 0.75
+        """LM-target slots per batch as a fraction of its positions: the LM head and the
+        cross-entropy run over this fixed number of rows (unimm.data.wire); a batch with
+        more targets uses all positions. Text-only recipes: 1.0."""
+
+        flow_capacity: float = 0.75
+        """Denoised-position slots per batch as a fraction of its positions (the flow head and
+        loss), like lm_capacity. Vision-heavy recipes: raise it toward 1.0."""
+
+        def resolved(self) -> LoaderSettings:
+            """The loader's process, pinning and wire settings for ``device_type``."""
+            cuda = self.device_type == "cuda"
+            overlap = self.overlap == "on" or (self.overlap == "auto" and cuda)
+            workers = max(self.num_workers, 1) if overlap else self.num_workers
+            wire = None
+            if self.device_type:
+                dtype = self.latent_wire_dtype if self.latent_wire_dtype != "auto" else ("bfloat16" if cuda else "float32")
+                wire = WireFormat(latent_dtype=dtype, lm_capacity=self.lm_capacity, flow_capacity=self.flow_capacity)
+            return LoaderSettings(
+                num_workers=workers,
+                pin_memory=self.pin_memory or (overlap and cuda),
+                prefetch_factor=self.prefetch_factor or (OVERLAP_PREFETCH if workers else None),
+                persistent_workers=self.persistent_workers,
+                wire=wire,
+            )
+
         def bind_model(self, model_config) -> None:
             """Take the latent widths and vocabulary the shards must fit from the model."""
             self.latent_dim, self.vocab_size = model_config.latent_dim, model_config.vocab_size
@@ -655,6 +726,7 @@ class MultimodalDataLoader(ParallelAwareDataloader):
         snapshot_every_n_steps: int | None = 1,
     ) -> None:
         self.manifest = config.prepare(seq_len, tokenizer)
+        self.settings = config.resolved()
         dataset = PackedMultimodalDataset(
             manifest=self.manifest,
             tokenizer=tokenizer,
@@ -671,9 +743,10 @@ class MultimodalDataLoader(ParallelAwareDataloader):
             ),
             normalize_latents=config.normalize_latents,
             max_bad_fraction=config.max_bad_fraction,
-            num_workers=config.num_workers,
+            num_workers=self.settings.num_workers,
             max_latent_deviation=config.max_latent_deviation,
             understanding_dim=config.understanding_dim,
+            wire=self.settings.wire,
         )
         self._group_stats: dict[int, dict[str, int]] = {}
         super().__init__(
@@ -682,10 +755,10 @@ class MultimodalDataLoader(ParallelAwareDataloader):
             dp_world_size=dp_world_size,
             batch_size=None,
             collate_fn=_keep,
-            num_workers=config.num_workers,
-            persistent_workers=config.persistent_workers,
-            prefetch_factor=config.prefetch_factor,
-            pin_memory=config.pin_memory,
+            num_workers=self.settings.num_workers,
+            persistent_workers=self.settings.persistent_workers,
+            prefetch_factor=self.settings.prefetch_factor,
+            pin_memory=self.settings.pin_memory,
             snapshot_every_n_steps=snapshot_every_n_steps,
         )
 

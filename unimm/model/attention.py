@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torchtitan.models.common.attention import FlexAttention
 from torchtitan.models.common.rope import ComplexRoPE
 from torchtitan.protocols.module import Module
 
@@ -15,11 +16,27 @@ from unimm.masks import AttentionMask
 from unimm.model.init import linear_init
 
 
+def flex_inductor_options() -> dict:
+    """torchtitan's Inductor options for FlexAttention (``FlexAttention.inductor_configs``:
+    autotuned block-sparse kernels, no CUDA graphs), less any the installed torch lacks."""
+    import torch._inductor.config as inductor_config
+
+    def known(key: str) -> bool:
+        node = inductor_config
+        for part in key.split("."):
+            if not hasattr(node, part):
+                return False
+            node = getattr(node, part)
+        return True
+
+    return {k: v for k, v in FlexAttention.inductor_configs.items() if known(k)}
+
+
 @functools.cache
 def _compiled_flex_attention():
     # Eager flex_attention materialises the full score matrix; compiled, it is the fused
-    # block-sparse kernel. Compile once per process, not per call.
-    return torch.compile(flex_attention, dynamic=False)
+    # block-sparse kernel. Compiled once per process, the way torchtitan compiles its own.
+    return torch.compile(flex_attention, options=flex_inductor_options())
 
 
 def attend(q_BHLK, k_BHLK, v_BHLK, mask: AttentionMask) -> torch.Tensor:

@@ -9,12 +9,15 @@ at text positions and a linear flow head at visual positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn as nn
 from torchtitan.models.common.embedding import Embedding
+from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.rope import ComplexRoPE
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.module import Module, ModuleDict
@@ -48,6 +51,21 @@ class TimestepEmbedding(Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = self.features(t).to(self.mlp_in.weight.dtype)
         return self.mlp_out(nn.functional.silu(self.mlp_in(features)))
+
+
+class LMHead(Linear):
+    """The LM head: ``head(h_ND)`` gives logits; ``head(h_ND, loss)`` gives
+    ``loss(h_ND, weight, bias)`` instead (a chunked cross-entropy, unimm.losses), inside this
+    one forward call, so FSDP gathers the weight once and the full logits never exist."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Linear.Config):
+        pass
+
+    def forward(self, h_ND: torch.Tensor, loss: Callable | None = None) -> torch.Tensor:
+        if loss is None:
+            return super().forward(h_ND)
+        return loss(h_ND, self.weight, self.bias)
 
 
 class TransformerBlock(Module):
@@ -145,7 +163,11 @@ class UnimmModel(BaseModel):
         block = MoTBlock if mot else TransformerBlock
         self.layers = ModuleDict({str(i): block(i, config) for i in range(config.n_layers)})
         self.norm = ModalityRMSNorm(config.dim, config.norm_eps) if mot else rms_norm(config.dim, config.norm_eps)
-        self.lm_head = linear_init(config.dim, config.vocab_size, std=config.dim**-0.5)
+        head_std = config.dim**-0.5  # as linear_init's truncated normal
+        self.lm_head = LMHead.Config(
+            in_features=config.dim, out_features=config.vocab_size,
+            param_init={"weight": partial(nn.init.trunc_normal_, mean=0.0, std=head_std, a=-3 * head_std, b=3 * head_std)},
+        ).build()
         # Zero-initialised like a DiT's final layer: training starts from predicting zero.
         self.flow_head = linear_init(config.dim, config.latent_dim, std=0.0, bias=True)
 
@@ -197,14 +219,31 @@ class UnimmModel(BaseModel):
         valid_BL: torch.Tensor | None = None,
         understanding: torch.Tensor | None = None,
         understanding_latents: torch.Tensor | None = None,
+        lm_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return LM logits at ``lm_positions`` [N_text, V], flow predictions at
         ``flow_positions`` [N_vis, C] (heads run only where a loss or a sample needs them),
         and each layer's router balance loss [n_layers] (zeros for unrouted FFNs), taken
         over the ``valid_BL`` positions (False at padding; None: all). Dual encoder: the batch's
-        ``understanding`` [B, L] and ``understanding_latents`` [B, L, C_u] (unimm.data.batch)."""
+        ``understanding`` [B, L] and ``understanding_latents`` [B, L, C_u] (unimm.data.batch).
+
+        Positions are boolean [B, L] masks, or int64 index tensors of flat positions
+        ``b * L + l`` (unimm.data.wire), which gather rows without waiting for the device to
+        count them (a boolean mask does). ``lm_loss(h_ND, weight, bias)``: the LM loss from the
+        hidden rows at ``lm_positions`` and the LM head's parameters, returned in place of the
+        logits (``LMHead``), so that a chunked cross-entropy (unimm.losses) runs where the
+        head's weights are gathered and the full logits never exist."""
         h_BLD, balance = self.hidden_states(
             tokens_BL, latents_BLC, t_BL, modality_BL, positions_BL, attention_mask, valid_BL=valid_BL,
             understanding_BL=understanding, understanding_latents_BLC=understanding_latents,
         )
-        return self.lm_head(h_BLD[lm_positions_BL]), self.flow_head(h_BLD[flow_positions_BL]), balance
+        h_lm_ND = rows_at(h_BLD, lm_positions_BL)
+        lm = self.lm_head(h_lm_ND) if lm_loss is None else self.lm_head(h_lm_ND, lm_loss)
+        return lm, self.flow_head(rows_at(h_BLD, flow_positions_BL)), balance
+
+
+def rows_at(x_BLD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows [N, D] of ``x_BLD`` at a boolean [B, L] mask or at int64 flat indices [N]."""
+    if positions.dtype == torch.bool:
+        return x_BLD[positions]
+    return x_BLD.flatten(0, 1).index_select(0, positions)

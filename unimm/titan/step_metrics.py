@@ -27,10 +27,14 @@ logged step, like torchtitan's own ``throughput(tps)``):
 - ``perf/mask_build_s``: wall time in ``build_attention_mask`` per step (mean over the
   window). On CUDA the kernels run asynchronously: this is the host-side launch time
   (FlexAttention block-mask construction included), not the device time.
+- ``perf/mask_build_device_s``: on CUDA, the device time of the same calls per step, from CUDA
+  events around them (``DeviceSpans``) read at the log step, after the step's one wait, so
+  reading them waits for nothing; ``None`` (JSON null) elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 from typing import Any
@@ -83,6 +87,35 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / GIB
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max_rss * (1 if sys.platform == "darwin" else 1024) / GIB  # KiB on Linux, bytes on macOS
+
+
+class DeviceSpans:
+    """Device time spent between host-marked points (``with spans.span(): ...``), from CUDA
+    events. ``total_s`` sums the spans whose end has completed on the device (it never
+    waits: an unfinished span stays for the next call). Off CUDA it records nothing and
+    ``total_s`` is None."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def span(self):
+        if not self.cuda:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+
+    def total_s(self) -> float | None:
+        if not self.cuda:
+            return None
+        done = [pair for pair in self._pending if pair[1].query()]
+        self._pending = [pair for pair in self._pending if pair not in done]
+        return sum(start.elapsed_time(end) for start, end in done) / 1000.0
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
@@ -171,10 +204,11 @@ def window_metrics(
     peak: float | None,
     memory_gib: float,
     non_data_parallel_size: int = 1,
+    mask_build_device_s: float | None = None,
 ) -> dict[str, Any]:
     """The ``perf/*`` metrics of one log window from its totals: ``tokens`` read by this rank,
-    ``window_s`` of wall time, ``steps`` steps, ``data_wait_s`` and ``mask_build_s`` summed
-    over those steps."""
+    ``window_s`` of wall time, ``steps`` steps, ``data_wait_s``, ``mask_build_s`` and
+    ``mask_build_device_s`` (None off CUDA) summed over those steps."""
     steps = max(steps, 1)
     tps = tokens / (window_s * non_data_parallel_size) if window_s > 0 else 0.0
     return {
@@ -185,6 +219,7 @@ def window_metrics(
         "perf/data_wait_s": data_wait_s / steps,
         "perf/data_wait_share": share(data_wait_s, window_s),
         "perf/mask_build_s": mask_build_s / steps,
+        "perf/mask_build_device_s": None if mask_build_device_s is None else mask_build_device_s / steps,
     }
 
 

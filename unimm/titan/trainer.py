@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools import utils as tools_utils
 from torchtitan.trainer import Trainer
 
+from unimm.data import wire
 from unimm.data.batch import IGNORE_INDEX, PROVENANCE_KEY, UNDERSTANDING_KEYS, padding_mask
 from unimm.data.loader import MultimodalDataLoader
 from unimm.flops import model_flops
@@ -26,6 +28,7 @@ from unimm.losses import TransfusionLoss
 from unimm.masks import build_attention_mask
 from unimm.model.moe import moe_layers, update_expert_biases
 from unimm.model.params import meta_model
+from unimm.model.transformer import rows_at
 from unimm.titan import compat, step_metrics
 from unimm.titan.checkpoint import UnimmCheckpointManager
 from unimm.titan.metrics_jsonl import ExpertLoadLog, JsonlLogger, drop_rows_after
@@ -53,6 +56,8 @@ class UnimmTrainer(Trainer):
         compat.apply()
         model_config = config.model_spec.model
         config.dataloader.bind_model(model_config)  # the loader checks its shards against both
+        # batches bound for this device: wire format, and on CUDA built ahead in a worker (loader.py)
+        config.dataloader.device_type = tools_utils.device_type
         # torchtitan's checkpoint manager plus finiteness checks on save and fallback on load
         config.checkpoint = UnimmCheckpointManager.adopt(config.checkpoint)
         # staged training: frozen groups and per-group LRs in the optimizer, the checkpoint a
@@ -72,6 +77,7 @@ class UnimmTrainer(Trainer):
         self._model_flops = model_flops(meta_model(model_config))
         self._peak_flops = step_metrics.peak_flops(self.device)
         self._mask_build_s = 0.0  # host time in build_attention_mask since the last log
+        self._mask_spans = step_metrics.DeviceSpans(self.device)  # its device time (CUDA)
         self.flow_shift = config.loss.flow.shift_factor(self.dataloader.manifest.tokens_per_frame, model_config.latent_dim)
         ffn = model_config.ffn
         self.moe_config = ffn.moe if ffn.kind == "moe" else None
@@ -133,50 +139,59 @@ class UnimmTrainer(Trainer):
     def _global_counts(self, microbatches) -> torch.Tensor:
         """Text targets, noised latent elements and real (non-padding) positions in the whole
         global batch: the losses are sums divided by these, so gradients summed over ranks are
-        global means."""
-        latent_dim = self.model_config.latent_dim
-        counts = torch.zeros(3, dtype=torch.float64)
-        for inputs, labels in microbatches:
-            counts[0] += (labels != IGNORE_INDEX).sum()
-            counts[1] += inputs["denoise"].sum() * latent_dim
-            counts[2] += (~padding_mask(inputs["tokens"], inputs["modality"], self.tokenizer.pad_id)).sum()
-        counts = counts.to(self.device)
+        global means. Summed on the host from the loader's counts (unimm.data.wire)."""
+        counts = sum(inputs["counts"] for inputs, _ in microbatches).double()
+        counts[1] *= self.model_config.latent_dim
+        counts = self._to_device(counts)
         if self.parallel_dims.dp_enabled:
             dist.all_reduce(counts, group=self.parallel_dims.get_mesh("batch").get_group())
         return counts.clamp_min(1.0)
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for it (pinned on CUDA first: a copy
+        from pageable memory would wait for the stream)."""
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     def forward_backward_step(self, *, input_dict, labels, counts, micro_index: int) -> torch.Tensor:
-        """Forward and backward of one microbatch; returns [loss, loss_lm, loss_flow,
-        router balance] (detached, this rank's share of the global means)."""
-        batch = {k: v.to(self.device) for k, v in input_dict.items()}
-        labels = labels.to(self.device)
+        """Forward and backward of one microbatch (in the loader's wire format); returns [loss,
+        loss_lm, loss_flow, router balance] (detached, this rank's share of the global means).
+
+        No host sync: the loader's index tensors (unimm.data.wire) replace boolean indexing, the
+        heads and losses run over their fixed capacities, and the copies are non-blocking.
+        (Loss centering is the exception: its weights are host numbers, _centering_weights.)"""
+        batch = wire.to_device(input_dict, self.device)
         self.ntokens_seen += labels.numel()
         mask_start = time.perf_counter()  # host-side time: on CUDA the kernels run async
-        mask = build_attention_mask(batch["document_ids"], batch["frame_ids"], self.mask_backend)
+        with self._mask_spans.span():
+            mask = build_attention_mask(batch["document_ids"], batch["frame_ids"], self.mask_backend)
         self._mask_build_s += time.perf_counter() - mask_start
-        latents, denoise = batch["latents"].float(), batch["denoise"]
+        latents, denoise = batch["latents"], batch["denoise"]
         t_BL, eps = frame_noise(
             latents, batch["frame_ids"], denoise, self.flow_shift,
             self._row_seeds(micro_index, labels.shape[0]),
         )
         z_in = torch.where(denoise[..., None], interpolate(latents, eps, t_BL[..., None]), latents)
-        lm_positions = labels != IGNORE_INDEX
         real = ~padding_mask(batch["tokens"], batch["modality"], self.tokenizer.pad_id)
+        flow_index = batch["flow_index"]
         with self.train_context():
-            logits, flow_pred, balance = self.model_parts[0](
+            lm_sum, flow_pred, balance = self.model_parts[0](
                 batch["tokens"], z_in, t_BL, batch["modality"], batch["positions"], mask,
-                lm_positions, denoise, real,
+                batch["lm_index"], flow_index, real,
                 **{k: batch[k] for k in UNDERSTANDING_KEYS if k in batch},  # dual encoder (batch.py)
+                lm_loss=self.loss_fn.lm_loss(batch["lm_labels"]),
             )
             # the router term is a mean over real tokens: weight it by this microbatch's share
             balance = balance.mean() * (real.sum() / counts[2])
-            loss_lm, loss_flow = self.loss_fn.parts(
-                logits, labels[lm_positions], flow_pred, latents[denoise], eps[denoise],
-                t_BL[denoise][:, None], counts,
+            loss_lm, loss_flow = self.loss_fn.step_parts(
+                lm_sum, flow_pred, rows_at(latents, flow_index), rows_at(eps, flow_index),
+                rows_at(t_BL[..., None], flow_index), batch["flow_valid"], counts,
             )
             weights = None
             if self.loss_fn.centering is not None:
-                weights = self._centering_weights(loss_lm, loss_flow, lm_positions, denoise, counts, micro_index)
+                targets, denoised = batch["lm_labels"] != IGNORE_INDEX, batch["flow_valid"]
+                weights = self._centering_weights(loss_lm, loss_flow, targets, denoised, counts, micro_index)
             loss = self.loss_fn.combine(loss_lm, loss_flow, self.router_loss_weight * balance, weights)
             loss.backward()
         return torch.stack([loss.detach(), loss_lm.detach(), loss_flow.detach(), balance.detach()])
@@ -184,7 +199,9 @@ class UnimmTrainer(Trainer):
     def _centering_weights(self, loss_lm, loss_flow, lm_positions, denoise, counts, micro_index: int):
         """Loss-centering weights (w_LM, w_flow) of one microbatch (paper App. D.2), from its
         mean losses over all data-parallel ranks; the step's last microbatch advances the
-        center with the step's mean losses (the sums of the microbatches' shares)."""
+        center with the step's mean losses (the sums of the microbatches' shares).
+        ``lm_positions``, ``denoise``: True at the microbatch's LM targets and denoised
+        positions (any layout: only their counts are read)."""
         latent_dim = self.model_config.latent_dim
         stats = torch.stack([
             loss_lm.detach().double(), loss_flow.detach().double(),
@@ -272,6 +289,7 @@ class UnimmTrainer(Trainer):
             steps=len(processor.data_loading_times) // self.gradient_accumulation_steps,
             data_wait_s=sum(processor.data_loading_times),
             mask_build_s=self._mask_build_s,
+            mask_build_device_s=self._mask_spans.total_s(),
             flops_per_token=flops,
             peak=self._peak_flops,
             memory_gib=step_metrics.peak_memory_gib(self.device),

@@ -119,6 +119,9 @@ BAD_COMMAND_LINES = {
     "bad fraction above 1": (["--dataloader.max_bad_fraction", "1.5"], ["--dataloader.max_bad_fraction=1.5", "[0, 1)"]),
     "bad fraction of 1": (["--dataloader.max_bad_fraction", "1"], ["--dataloader.max_bad_fraction=1", "[0, 1)"]),
     "negative bad fraction": (["--dataloader.max_bad_fraction", "-0.1"], ["--dataloader.max_bad_fraction=-0.1"]),
+    "LM capacity above 1": (["--dataloader.lm_capacity", "1.5"], ["--dataloader.lm_capacity=1.5", "(0, 1]"]),
+    "flow capacity of 0": (["--dataloader.flow_capacity", "0"], ["--dataloader.flow_capacity=0", "(0, 1]"]),
+    "zero cross-entropy chunk": (["--loss.lm_chunk_rows", "0"], ["--loss.lm_chunk_rows=0", "positive number of rows"]),
     "parallel layout larger than the processes": (
         ["--parallelism.tensor_parallel_degree", "2"], ["--parallelism", "tensor 2", "--nproc"],
     ),

@@ -46,13 +46,14 @@ def test_debug_cpu_on_4_gpus_matches_a_hand_count(capsys):
     ffn_none = (2 * 128 + 4 * 384) * a
     layer_none = attn_none + ffn_none
     assert layer_none == 10_512
-    outside = T * 128 * a + (T // 2) * 261 * (a + 4)  # final norm; logits at half the positions + fp32 upcast
+    # final norm; LM target rows (half the positions) saved; one 1024-row chunk of logits, fp32 copy, gradient
+    outside = (T + T // 2) * 128 * a + 1024 * 261 * (a + 8)
     attn_sel = (128 + 128 + 64 + 128) * a + 4 * 4  # block input, wq, wv, attention output, lse
     ffn_sel = (384 + 128) * a  # w1, w2
     acts = r["activations_bytes_estimate"]
-    assert acts["none"] == 4 * layer_none * T + outside == 89_300_992
-    assert acts["selective"] == 4 * (attn_sel + ffn_sel) * T + outside == 34_775_040
-    assert acts["full"] == 4 * 128 * a * T + layer_none * T + outside == 28_909_568
+    assert acts["none"] == 4 * layer_none * T + outside == 90_894_336
+    assert acts["selective"] == 4 * (attn_sel + ffn_sel) * T + outside == 36_368_384
+    assert acts["full"] == 4 * 128 * a * T + layer_none * T + outside == 30_502_912
     assert r["recipe_ac"] == "none"
     assert r["total_bytes_estimate"]["none"] == r["exact_state_bytes"] + r["fsdp_transient_bytes_estimate"] + acts["none"]
 
@@ -91,11 +92,11 @@ def test_debug_moe_hsdp_with_expert_parallel_matches_a_hand_count(capsys):
     moe_none = (2 * 128 + 2 * 128 + 4 * 2 * 96 + 2 * 128) * a + 2 * 8 * 4  # norm in/out, copies, expert inner, outputs; router fp32
     attn_sel = (128 + 128 + 64 + 128) * a + 4 * 4
     moe_sel = (8 + 2 + 2 * 2 * 96 + 2 * 128) * a + 2 * 8  # router logits, top-k values, grouped GEMM outputs; int64 top-k ids
-    outside = T * 128 * a + (T // 2) * 261 * (a + 4)
+    outside = (T + T // 2) * 128 * a + 1024 * 261 * (a + 8)
     acts = r["activations_bytes_estimate"]
-    assert acts["none"] == 4 * (attn_none + moe_none) * T + outside == 81_436_672
-    assert acts["selective"] == 4 * (attn_sel + moe_sel) * T + outside == 39_428_096
-    assert acts["full"] == 4 * 128 * a * T + (attn_none + moe_none) * T + outside == 26_943_488
+    assert acts["none"] == 4 * (attn_none + moe_none) * T + outside == 83_030_016
+    assert acts["selective"] == 4 * (attn_sel + moe_sel) * T + outside == 41_021_440
+    assert acts["full"] == 4 * 128 * a * T + (attn_none + moe_none) * T + outside == 28_536_832
 
 
 def test_dense_1b5_on_128_gpus_is_hsdp_16_x_8(capsys):

@@ -48,9 +48,11 @@ Estimated (clearly an estimate; the real number depends on kernels and the alloc
   ``full``: the block input D per layer, plus, transiently, one layer's ``none`` activations
   while it is recomputed in backward.
 
-  Outside the blocks, for every mode: the final norm's output D, and the LM logits at the
-  positions with a next-token target (``unimm.flops.TYPICAL_MIX.lm_targets`` of all
-  positions) in ``a`` bytes plus their fp32 upcast for the cross entropy, V (a + 4).
+  Outside the blocks, for every mode: the final norm's output D, the rows with a next-token
+  target gathered for the LM head (``unimm.flops.TYPICAL_MIX.lm_targets`` of all positions) D,
+  which the chunked cross-entropy saves for backward, and, transiently, one chunk of
+  ``loss.lm_chunk_rows`` rows of logits: V (a + 4 + 4) (the logits, their fp32 copy and its
+  gradient); the full [targets, V] logits never exist (``unimm.losses.chunked_cross_entropy_sum``).
   Not counted: the flow head's outputs (latent width, small), masks, the data batch, the
   CUDA context, NCCL buffers and allocator fragmentation.
 """
@@ -256,7 +258,9 @@ def _ffn_per_token(cfg) -> tuple[dict, dict]:
     return {"a": 2 * D + 4 * H}, {"a": H + D}
 
 
-def activation_bytes(model_config, seq_len: int, local_batch: int, act_bytes: int) -> dict[str, int]:
+def activation_bytes(
+    model_config, seq_len: int, local_batch: int, act_bytes: int, lm_chunk_rows: int
+) -> dict[str, int]:
     """Estimated activation bytes per GPU for each AC mode (see the module docstring)."""
     from unimm.flops import TYPICAL_MIX
 
@@ -277,7 +281,8 @@ def activation_bytes(model_config, seq_len: int, local_batch: int, act_bytes: in
     layer_sel = nbytes(attn_sel) + nbytes(ffn_sel)
     layer_full = D * act_bytes
     vocab = cfg.vocab_size
-    outside = tokens * D * act_bytes + round(tokens * TYPICAL_MIX.lm_targets) * vocab * (act_bytes + 4)
+    targets = round(tokens * TYPICAL_MIX.lm_targets)
+    outside = (tokens + targets) * D * act_bytes + min(lm_chunk_rows, targets) * vocab * (act_bytes + 8)
     L = cfg.n_layers
     return {
         "none": L * layer_none * tokens + outside,
@@ -308,7 +313,9 @@ def plan(recipe: str, gpus: int, gpus_per_node: int = 8, overrides: list[str] | 
         state = state_bytes(model, config)
     training = config.training
     act_bytes = TORCH_DTYPE_MAP[training.mixed_precision_param].itemsize
-    acts = activation_bytes(config.model_spec.model, training.seq_len, training.local_batch_size, act_bytes)
+    acts = activation_bytes(
+        config.model_spec.model, training.seq_len, training.local_batch_size, act_bytes, config.loss.lm_chunk_rows
+    )
     exact = state["params_bytes"] + state["grads_bytes"] + state["optimizer_bytes"] + state["buffers_bytes"]
     return {
         "recipe": recipe,

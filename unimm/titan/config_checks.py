@@ -193,6 +193,13 @@ def check_config(config, world_size: int) -> list[str]:
     need("dataloader.cond_dropout", fraction, "a probability in [0, 1]")
     need("dataloader.num_workers", lambda v: v >= 0, "0 or more loader worker processes")
     need("dataloader.num_streams", lambda v: v >= 0, "0 (one per data-parallel rank) or more data streams")
+    for capacity in ("lm_capacity", "flow_capacity"):
+        need(f"dataloader.{capacity}", lambda v: 0 < v <= 1,
+             "a fraction in (0, 1] of a batch's positions (a batch that needs more uses all of them)")
+    need("dataloader.latent_wire_dtype", lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+         "auto, float32, bfloat16 or float16")
+    need("dataloader.overlap", lambda v: v in ("auto", "on", "off"), "auto (on with CUDA), on or off")
+    need("loss.lm_chunk_rows", positive, "a positive number of rows per cross-entropy chunk")
     need("loss.lambda_lm", lambda v: v >= 0, "a non-negative loss weight")
     need("loss.lambda_flow", lambda v: v >= 0, "a non-negative loss weight")
     if _get(config, "loss.loss_centering") is True:

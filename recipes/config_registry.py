@@ -283,3 +283,57 @@ def mixture() -> DataFittedTrainer.Config:
     base.dump_folder = "./runs/mixture"
     base.dataloader = MultimodalDataLoader.Config(source_weights={})
     return fit_to_data(base)
+
+
+# `make demo` (issue 15): learning a person can see in a few CPU minutes. The shards are
+# written first by the Makefile's data step (DEMO_SHARDS, data_pipelines/write_shards.py);
+# tools/demo_targets.py measures the targets on held-out single-object scenes.
+DEMO_SHARDS = "./runs/demo_data"
+
+
+def demo() -> SizedTrainer.Config:
+    """The `make demo` run: debug_cpu's model, x-prediction, 1400 steps on one-shape images
+    with their captions ("a red circle", both directions; runs/demo_data, written by the
+    Makefile); resizable (``--model_size.*``)."""
+    config = _debug("debug")
+    config.dump_folder = "./runs/demo"
+    config.training.steps = 1400
+    config.dataloader = MultimodalDataLoader.Config(
+        shards=DEMO_SHARDS,
+        source_weights={"single_object": 1.0},
+        # Captions read clean images, as at sampling time, so the shape is always visible;
+        # that leaves the flow loss to the generation direction, which gets most pairs.
+        clean_conditioning_frames=True,
+        p_understanding=0.4,
+    )
+    # A 192-wide patch does not fit through the 128-wide model: a velocity (which holds the
+    # noise) comes out speckled, a clean image (few degrees of freedom) does not (JiT).
+    config.loss.flow.prediction = "x"
+    # x-prediction's loss is large (the error divided by 1 - t); at the default 3.0 its
+    # gradient drowned the captions' in the shared layers.
+    config.loss.lambda_flow = 1.0
+    config.checkpoint = _checkpoints(interval=700, keep_latest_k=2)
+    return sized(config)
+
+
+# World modeling on CPU (issue 14, paper §5): a small model on the procedural navigation world.
+WORLD_MODEL_SOURCES = {"text": 0.25, "image_text": 0.2, "video": 0.25, "action": 0.3}
+
+
+def world_model_cpu() -> UnimmTrainer.Config:
+    """debug_cpu_modality trained as a navigation world model on a CPU (paper §5's mixture
+    idea: general data, text, shapes and videos, beside an in-domain share of 4-context-frame
+    navigation samples); 16 px views in 4x4 raw-pixel patches (16 tokens, 48 wide), action
+    context frames clean as the planner feeds them (docs/world_model.md)."""
+    config = _debug("debug_modality")
+    model = config.model_spec.model
+    # narrower and shallower than debug_cpu: CEM rolls 120 candidates x 8 frames x 3 repeats out
+    model.dim, model.n_layers, model.ffn.hidden_dim, model.latent_dim = 96, 3, 288, 48
+    config.dump_folder = "./runs/world_model_cpu"
+    config.dataloader = MultimodalDataLoader.Config(
+        image_size=16, patch=4, num_actions=4096, source_weights=dict(WORLD_MODEL_SOURCES),
+        clean_conditioning_frames=True,
+    )
+    config.training.steps = 600
+    config.checkpoint = _checkpoints(interval=300, keep_latest_k=2)
+    return config

@@ -34,8 +34,21 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 install: $(VENV)/.installed
 
-demo: install
-	$(VENV)/bin/unimm train --recipe debug_cpu --steps 600 --out runs/demo
+# The demo (README "Demo"): one-shape images with their captions written once to
+# runs/demo_data (recipe demo's shards), the demo recipe trained on them, then a samples grid
+# (runs/demo/samples/samples.png) and the issue-15 targets scored on held-out scenes
+# (runs/demo/demo_targets.{json,png}).
+DEMO_DATA := runs/demo_data
+$(DEMO_DATA)/manifest.json: | install
+	$(PY) -m unimm.data_pipelines.write_shards --out $(DEMO_DATA) --count single_object=8000 \
+		--encoder raw_pixels --image-size 32 --patch 8 --per-shard 1000
+
+demo: install $(DEMO_DATA)/manifest.json
+	$(VENV)/bin/unimm train --recipe demo --out runs/demo
+	$(VENV)/bin/unimm sample --run runs/demo --recipe demo
+	$(PY) tools/demo_targets.py --run runs/demo
+# unimm eval (issue 15), to be enabled once it lands:
+#	$(VENV)/bin/unimm eval --run runs/demo --suite generation captioning
 
 test: install
 	$(PY) -m pytest -q

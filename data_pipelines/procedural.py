@@ -65,6 +65,7 @@ _KIND_CODES = {
     "counting": 9,
     "diagonal": 10,
     "text_rendering": 11,
+    "single_object": 12,
 }
 # Shapes are drawn at 4x and downsampled: at 32 px an aliased star is not recognisable.
 _SUPERSAMPLE = 4
@@ -201,6 +202,14 @@ def image_sample(index: int, seed: int, image_size: int = 32) -> dict:
         "caption": _join([o.indefinite for o in objects]),
         "objects": objects,
     }
+
+
+def single_object_sample(index: int, seed: int, image_size: int = 32) -> dict:
+    """One shape; caption "a red circle". The 64 colour-shape pairs one at a time are the
+    quickest image-text task to learn in both directions (the demo's main source)."""
+    rng = sample_rng(seed, "single_object", index)
+    objects = place(rng, pick_names(rng, 1), image_size)
+    return {"image": render(objects, image_size), "caption": objects[0].indefinite, "objects": objects}
 
 
 def video_sample(index: int, seed: int, image_size: int = 32, num_frames: int = 4) -> dict:

@@ -218,6 +218,8 @@ def test_generation_and_captioning_scores_on_ground_truth():
     assert generation.category_scores(rows) == {"colour": 1.0, "shape": 1.0, "count": 1.0, "position": 1.0, "overall": 1.0}
     half = [{"colour": True}, {"colour": False}, {"position": True}]
     assert generation.category_scores(half) == {"colour": 0.5, "shape": None, "count": None, "position": 1.0, "overall": 0.75}
-    assert score_caption("a red circle", "red", "circle")["both"]
+    assert score_caption("an orange star\n", "orange", "star")["both"]
     verdict = score_caption("a circle, red? no: a blue square", "blue", "square")
-    assert not verdict["colour"] and not verdict["shape"] and verdict["read"] == "red circle"
+    assert not verdict["colour"] and not verdict["shape"] and verdict["read"] == "red blue circle square"
+    assert score_caption("a blue square", "red", "square") == {"colour": False, "shape": True, "both": False, "read": "blue square"}
+    assert not any(score_caption("a reddish circle", "red", "circle")[k] for k in ("colour", "both"))  # whole words

@@ -2,8 +2,10 @@
 
 Each held-out image holds one procedural object (``procedural.place`` at the run's image size,
 as in the ``image_text`` training captions "a red circle"). The model reads ``[bos] [boi]
-image [eoi]`` and captions greedily; the first palette colour and the first shape word of the
-caption are its answer. Accuracies: colour, shape, and both exactly right.
+image [eoi]`` and captions greedily. A caption has the colour right when the only palette
+colour it names is the scene's, and the shape right when the only shape it names is the
+scene's (a caption hedging over two colours, or naming a second object, is wrong). Accuracies:
+colour, shape, and both exactly right.
 """
 
 from __future__ import annotations
@@ -30,18 +32,19 @@ def single_object_images(count: int, seed: int, image_size: int) -> list[tuple[n
     return out
 
 
-def first_word(text: str, words) -> str | None:
-    """The vocabulary word (e.g. a palette colour) that appears first in ``text``, as a whole word."""
-    hits = [(m.start(), w) for w in words for m in [re.search(rf"\b{re.escape(w)}\b", text.lower())] if m]
-    return min(hits)[1] if hits else None
+def named(text: str) -> tuple[list[str], list[str]]:
+    """The palette colours and the shapes a caption names, in order, as whole words."""
+    from unimm.data_pipelines.procedural import COLOURS, SHAPES
+
+    words = re.findall(r"[a-z]+", text.lower())
+    return [w for w in words if w in COLOURS], [w for w in words if w in SHAPES]
 
 
 def score_caption(caption: str, colour: str, shape: str) -> dict:
-    from unimm.data_pipelines.procedural import COLOURS, SHAPES
-
-    got_colour, got_shape = first_word(caption, COLOURS), first_word(caption, SHAPES)
-    return {"colour": got_colour == colour, "shape": got_shape == shape,
-            "both": got_colour == colour and got_shape == shape, "read": f"{got_colour} {got_shape}"}
+    colours, shapes = named(caption)
+    right_colour, right_shape = colours == [colour], shapes == [shape]
+    return {"colour": right_colour, "shape": right_shape, "both": right_colour and right_shape,
+            "read": " ".join(colours + shapes)}
 
 
 def run_captioning(ev, out_dir, *, samples: int, seed: int, progress) -> dict:

@@ -268,6 +268,9 @@ def test_planning_evaluation_writes_errors_of_every_method(tmp_path):
     errors = trajectory_errors(truth, integrate_actions(truth[0], np.array(row["cem_plan"])))
     assert row["cem"]["ate"] == pytest.approx(errors.ate, abs=1e-3)
     assert report["mean"]["cem"]["ate"] == pytest.approx(np.mean([r["cem"]["ate"] for r in report["per_episode"]]))
+    rows = report["per_episode"]
+    assert set(report["cem_wins"]) == {"random", "mean_action", "oracle"}
+    assert report["cem_wins"]["random"]["ate"] == sum(r["cem"]["ate"] < r["random"]["ate"] for r in rows)
     with pytest.raises(ConfigError, match="the world the run trained in"):
         evaluate_planning(sampler, encoder, None, episodes, settings, tmp_path / "out", episodes_path=path,
                           training_seed=1, progress=False)

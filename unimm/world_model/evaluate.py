@@ -103,6 +103,12 @@ class _Method:
         return {m: float(np.mean([e[m] for e in self.errors])) for m in METRICS}
 
 
+def _wins(rows: list[dict], others: list[str]) -> dict[str, dict[str, int]]:
+    """Per baseline and metric: on how many episodes the CEM plan's error is the lower one
+    (means can hide one lucky episode)."""
+    return {name: {m: sum(row["cem"][m] < row[name][m] for row in rows) for m in METRICS} for name in others}
+
+
 def _errors(truth: np.ndarray, actions: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     poses = integrate_actions(truth[0], actions)
     return asdict(trajectory_errors(truth, poses)), poses
@@ -195,6 +201,7 @@ def evaluate_planning(
                     "rpe_rot": "relative pose error, 1 step (rad)"},
         "mean": means,
         "cem_beats_random": {m: means["cem"][m] < means["random"][m] for m in METRICS},
+        "cem_wins": _wins(rows, [name for name in methods if name != "cem"]),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "per_episode": rows,
     }
@@ -211,6 +218,9 @@ def summary(report: dict) -> str:
         lines.append(f"{name:>12}: " + "  ".join(f"{m} {errors[m]:.3f}" for m in METRICS))
     beats = report["cem_beats_random"]
     lines.append("CEM beats random on " + (", ".join(m for m in METRICS if beats[m]) or "nothing"))
+    count = report["episodes"]["count"]
+    for name, wins in report["cem_wins"].items():
+        lines.append(f"CEM better than {name} on " + ", ".join(f"{m} {wins[m]}/{count}" for m in METRICS) + " episodes")
     return "\n".join(lines)
 
 

@@ -34,13 +34,13 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 install: $(VENV)/.installed
 
-# The demo (README "Demo"): one-shape images with their captions written once to
-# runs/demo_data (recipe demo's shards), the demo recipe trained on them, then a samples grid
-# (runs/demo/samples/samples.png) and the issue-15 targets scored on held-out scenes
-# (runs/demo/demo_targets.{json,png}).
-DEMO_DATA := runs/demo_data
+# The demo (README "Demo"): one-shape images (one large shape near the centre) with their
+# captions written once to runs/demo_data_centred (recipe demo's shards), the demo recipe
+# trained on them, then a samples grid (runs/demo/samples/samples.png) and the issue-15
+# targets scored on held-out scenes (runs/demo/demo_targets.{json,png}).
+DEMO_DATA := runs/demo_data_centred
 $(DEMO_DATA)/manifest.json: | install
-	$(PY) -m unimm.data_pipelines.write_shards --out $(DEMO_DATA) --count single_object=8000 \
+	$(PY) -m unimm.data_pipelines.write_shards --out $(DEMO_DATA) --count single_object_centred=8000 \
 		--encoder raw_pixels --image-size 32 --patch 8 --per-shard 1000
 
 demo: install $(DEMO_DATA)/manifest.json

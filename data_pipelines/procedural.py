@@ -204,11 +204,30 @@ def image_sample(index: int, seed: int, image_size: int = 32) -> dict:
     }
 
 
-def single_object_sample(index: int, seed: int, image_size: int = 32) -> dict:
+# single_object_sample's layouts: "anywhere" places the shape as image_sample does (radius
+# 0.14-0.24 of the image, anywhere inside it); "centred" draws it large (diameter 0.56-0.82 of
+# the image, 18-26 px at 32 px) within 1/16 of the image of the centre, so that its outline
+# spans several patches and a model of a few CPU minutes can draw and read the shape (the demo).
+SINGLE_OBJECT_LAYOUTS = ("anywhere", "centred")
+_CENTRED_RADIUS = (0.28, 0.41)  # fraction of the image size
+_CENTRED_JITTER = 1 / 16  # largest offset of the centre from the image centre, per axis
+
+
+def single_object_sample(index: int, seed: int, image_size: int = 32, layout: str = "anywhere") -> dict:
     """One shape; caption "a red circle". The 64 colour-shape pairs one at a time are the
-    quickest image-text task to learn in both directions (the demo's main source)."""
+    quickest image-text task to learn in both directions (the demo's main source). ``layout``:
+    one of SINGLE_OBJECT_LAYOUTS (see there)."""
+    if layout not in SINGLE_OBJECT_LAYOUTS:
+        raise ValueError(f"single_object layout {layout!r}: expected one of {', '.join(SINGLE_OBJECT_LAYOUTS)}")
     rng = sample_rng(seed, "single_object", index)
-    objects = place(rng, pick_names(rng, 1), image_size)
+    names = pick_names(rng, 1)
+    if layout == "anywhere":
+        objects = place(rng, names, image_size)
+    else:
+        ((colour, shape),) = names
+        r = float(rng.uniform(*_CENTRED_RADIUS)) * image_size
+        cx, cy = image_size / 2 + rng.uniform(-_CENTRED_JITTER, _CENTRED_JITTER, size=2) * image_size
+        objects = [SceneObject(colour, shape, (float(cx), float(cy)), r)]
     return {"image": render(objects, image_size), "caption": objects[0].indefinite, "objects": objects}
 
 

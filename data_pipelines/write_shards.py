@@ -11,7 +11,8 @@
 Sources (the names --count and the loader's source_weights use):
 
     text, image_text, video          procedural.py: sentences, 1-3 shapes with a caption, a moving shape
-    single_object                    image_text: one shape, "a red circle" (the demo's main source)
+    single_object                    image_text: one shape anywhere, "a red circle"
+    single_object_centred            the same, one large shape near the centre (the demo's source)
     action                           navigation.py: 4 context views, an action, the target view
     {set}_understanding              image_text, i2t only: [image] question_direct solution_direct
     {set}_text                       text: question solution
@@ -79,8 +80,8 @@ def _image(i: int, seed: int, st: RenderSettings) -> Record:
     return Record(f"image-{i:08d}", meta, s["caption"], s["image"][None])
 
 
-def _single_object(i: int, seed: int, st: RenderSettings) -> Record:
-    s = procedural.single_object_sample(i, seed, st.image_size)
+def _single_object(i: int, seed: int, st: RenderSettings, layout: str = "anywhere") -> Record:
+    s = procedural.single_object_sample(i, seed, st.image_size, layout)
     meta = {"caption": s["caption"], "objects": [o.to_json() for o in s["objects"]], "image_size": st.image_size}
     return Record(f"single-object-{i:08d}", meta, s["caption"], s["image"][None])
 
@@ -133,6 +134,9 @@ SOURCES: dict[str, ProceduralSource] = {
     "text": ProceduralSource("text", (), _text),
     "image_text": ProceduralSource("image_text", ("i2t", "t2i"), _image),
     "single_object": ProceduralSource("image_text", ("i2t", "t2i"), _single_object),
+    "single_object_centred": ProceduralSource(
+        "image_text", ("i2t", "t2i"), functools.partial(_single_object, layout="centred")
+    ),
     "video": ProceduralSource("video", (), _video),
     "action": ProceduralSource("action", (), _action),
     **{

@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 from unimm.data_pipelines.encoders import EncoderSpec
-from unimm.data_pipelines.procedural import SHAPES, single_object_sample
-from unimm.data_pipelines.write_shards import write_procedural
+import pytest
+
+from unimm.data_pipelines.procedural import SHAPES, image_sample, single_object_sample
+from unimm.data_pipelines.write_shards import SOURCES, RenderSettings, write_procedural
 from unimm.evaluation.scorers import score_colour, score_shape
 from unimm.titan.launch import load_recipe, preflight
 from unimm.tokenizer import Tokenizer
@@ -14,7 +16,7 @@ from unimm.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from demo_targets import caption_correct, named  # noqa: E402
+from demo_targets import DEMO_LAYOUT, caption_correct, named  # noqa: E402
 
 
 def _makefile_data_step() -> tuple[str, dict[str, int], int, int]:
@@ -43,6 +45,26 @@ def test_single_object_samples_are_one_scorable_shape_named_by_their_caption():
     assert {s["objects"][0].shape for s in shapes} <= set(SHAPES)
 
 
+def test_centred_layout_draws_one_large_shape_near_the_centre_scored_as_its_caption():
+    for i in range(32):
+        s = single_object_sample(i, seed=1, image_size=32, layout="centred")
+        (obj,) = s["objects"]
+        # radius 0.28-0.41 of the image (diameter 18-26 px of 32), centre within 2 px of the
+        # image centre: the shape stays inside
+        assert 0.28 * 32 <= obj.radius <= 0.41 * 32
+        assert all(abs(c - 16) <= 2 for c in obj.centre)
+        assert all(obj.radius <= c <= 32 - obj.radius for c in obj.centre)
+        assert score_colour(s["image"], obj.colour).correct and score_shape(s["image"], obj.shape).correct
+        # the same names as the default layout's scene i: only place and size differ
+        assert s["caption"] == single_object_sample(i, seed=1, image_size=32)["caption"]
+    # the default layout places the shape as image_sample does (radius 0.14-0.24 of the image)
+    radii = [single_object_sample(i, 0, 32)["objects"][0].radius for i in range(32)]
+    assert 0.14 * 32 * 0.8**2 <= min(radii) and max(radii) <= 0.24 * 32
+    assert max(o.radius for i in range(8) for o in image_sample(i, 0, 32)["objects"]) <= 0.24 * 32
+    with pytest.raises(ValueError, match="layout 'middle'"):
+        single_object_sample(0, 0, layout="middle")
+
+
 def test_caption_is_right_only_with_exactly_the_scenes_colour_and_shape():
     assert caption_correct("a red circle", "red", "circle")
     assert caption_correct(" an orange star\n", "orange", "star")
@@ -66,4 +88,14 @@ def test_demo_recipe_accepts_the_makefiles_data(tmp_path):
     manifest = preflight(config)  # latent width, tokenizer and seq_len checked against the model
     assert manifest.tokens_per_frame == (size // patch) ** 2
     assert manifest.latent_dim == config.model_spec.model.latent_dim == 3 * patch * patch
-    assert config.dataloader.weights(manifest) == {"single_object": 1.0}
+    assert config.dataloader.weights(manifest) == {"single_object_centred": 1.0}
+
+
+def test_demo_targets_hold_out_scenes_drawn_like_the_makefiles_data():
+    _, counts, size, _ = _makefile_data_step()
+    (source,) = counts
+    # tools/demo_targets.py's default held-out scenes (seed 1) are seed 0's training scenes' kind
+    record = SOURCES[source].make(5, 1, RenderSettings(size))
+    scene = single_object_sample(5, 1, size, DEMO_LAYOUT)
+    assert record.meta["caption"] == scene["caption"]
+    assert (record.frames[0] == scene["image"]).all()

@@ -3,8 +3,9 @@
     python tools/demo_targets.py --run runs/demo                      # recipe demo, latest checkpoint
     python tools/demo_targets.py --run runs/x --recipe debug_sweep --n 64 --model_size.dim 192 ...
 
-Held-out scenes are ``procedural.single_object_sample(i, --seed)`` for i < --n (seed 1: the test
-split; the demo trains on seed 0), rendered at the run's image size. Both directions use
+Held-out scenes are ``procedural.single_object_sample(i, --seed, layout=--layout)`` for i < --n
+(seed 1: the test split; the demo trains on seed 0 of the same layout, "centred": one large shape
+near the centre), rendered at the run's image size. Both directions use
 ``unimm.sampling.MixedModalSampler`` as ``unimm sample`` builds it:
 
 - text to image: the scene's caption ("a red circle") -> 25-step Euler with guidance 3.0 ->
@@ -31,12 +32,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unimm.data_pipelines.procedural import COLOURS, SHAPES, single_object_sample
+from unimm.data_pipelines.procedural import COLOURS, SHAPES, SINGLE_OBJECT_LAYOUTS, single_object_sample
 from unimm.errors import ConfigError
 from unimm.evaluation.scorers import score_colour, score_shape
 from unimm.sampling_cli import _load_sampler, latest_checkpoint
 
 TARGETS = {"t2i_colour": 0.8, "t2i_shape": 0.5, "captioning": 0.5}
+DEMO_LAYOUT = "centred"  # the layout of the demo's training scenes (source single_object_centred)
 
 
 def named(text: str) -> tuple[list[str], list[str]]:
@@ -80,7 +82,7 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
     if getattr(encoder, "decode", None) is None:
         raise ConfigError(f"run {args.run}: its encoder {type(encoder).__name__} cannot decode images to score")
     checkpoint = latest_checkpoint(Path(args.run), args.step)
-    scenes = [single_object_sample(i, args.seed, encoder.image_size) for i in range(args.n)]
+    scenes = [single_object_sample(i, args.seed, encoder.image_size, args.layout) for i in range(args.n)]
 
     generated, captions = [], []
     for scene in tqdm(scenes, desc="text to image", file=sys.stdout):
@@ -108,7 +110,7 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
     report = {
         "run": str(args.run),
         "checkpoint": checkpoint.name,
-        "held_out": {"generator": "procedural.single_object_sample", "seed": args.seed, "n": n},
+        "held_out": {"generator": "procedural.single_object_sample", "layout": args.layout, "seed": args.seed, "n": n},
         "sampling": {"euler_steps": args.euler_steps, "cfg_scale": args.cfg_scale, "noise_seed": args.noise_seed},
         "accuracy": results,
         "t2i_colour_and_shape": sum(g[4] and g[5] for g in generated) / n,
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--n", type=int, default=32, help="held-out scenes per direction (default: 32)")
     parser.add_argument("--seed", type=int, default=1, help="procedural seed of the held-out scenes (default: 1)")
+    parser.add_argument(
+        "--layout", default=DEMO_LAYOUT, choices=SINGLE_OBJECT_LAYOUTS,
+        help=f"layout of the held-out scenes, the run's training data's (default: {DEMO_LAYOUT}, the demo's)",
+    )
     parser.add_argument("--euler-steps", type=int, default=25)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the generated images' noise")

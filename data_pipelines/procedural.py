@@ -217,18 +217,22 @@ def single_object_sample(index: int, seed: int, image_size: int = 32, layout: st
     """One shape; caption "a red circle". The 64 colour-shape pairs one at a time are the
     quickest image-text task to learn in both directions (the demo's main source). ``layout``:
     one of SINGLE_OBJECT_LAYOUTS (see there)."""
+    rng = sample_rng(seed, "single_object", index)
+    ((colour, shape),) = pick_names(rng, 1)
+    objects = place_single(rng, colour, shape, image_size, layout)
+    return {"image": render(objects, image_size), "caption": objects[0].indefinite, "objects": objects}
+
+
+def place_single(rng: np.random.Generator, colour: str, shape: str, image_size: int, layout: str) -> list[SceneObject]:
+    """One object placed by a `SINGLE_OBJECT_LAYOUTS` rule (also the held-out scenes of
+    ``unimm eval``'s captioning, which follow the run's own layout)."""
     if layout not in SINGLE_OBJECT_LAYOUTS:
         raise ValueError(f"single_object layout {layout!r}: expected one of {', '.join(SINGLE_OBJECT_LAYOUTS)}")
-    rng = sample_rng(seed, "single_object", index)
-    names = pick_names(rng, 1)
     if layout == "anywhere":
-        objects = place(rng, names, image_size)
-    else:
-        ((colour, shape),) = names
-        r = float(rng.uniform(*_CENTRED_RADIUS)) * image_size
-        cx, cy = image_size / 2 + rng.uniform(-_CENTRED_JITTER, _CENTRED_JITTER, size=2) * image_size
-        objects = [SceneObject(colour, shape, (float(cx), float(cy)), r)]
-    return {"image": render(objects, image_size), "caption": objects[0].indefinite, "objects": objects}
+        return place(rng, [(colour, shape)], image_size)
+    r = float(rng.uniform(*_CENTRED_RADIUS)) * image_size
+    cx, cy = image_size / 2 + rng.uniform(-_CENTRED_JITTER, _CENTRED_JITTER, size=2) * image_size
+    return [SceneObject(colour, shape, (float(cx), float(cy)), r)]
 
 
 def video_sample(index: int, seed: int, image_size: int = 32, num_frames: int = 4) -> dict:

@@ -223,3 +223,20 @@ def test_generation_and_captioning_scores_on_ground_truth():
     assert not verdict["colour"] and not verdict["shape"] and verdict["read"] == "red blue circle square"
     assert score_caption("a blue square", "red", "square") == {"colour": False, "shape": True, "both": False, "read": "blue square"}
     assert not any(score_caption("a reddish circle", "red", "circle")[k] for k in ("colour", "both"))  # whole words
+
+
+def test_captioning_scenes_follow_the_runs_single_object_layout():
+    from unimm.data_pipelines.procedural import single_object_sample
+    from unimm.evaluation.captioning import run_layout, single_object_images
+
+    assert run_layout({"single_object_centred": [], "text": []}) == "centred"
+    assert run_layout({"image_text": [], "text": []}) == "anywhere"
+    centred = single_object_images(8, seed=1, image_size=32, layout="centred")
+    anywhere = single_object_images(8, seed=1, image_size=32)
+    # a centred object covers the middle pixel and is large; the demo's training scenes alike
+    for image, _, _ in centred:
+        assert (image[16, 16] != image[0, 0]).any() and (image != image[0, 0]).any(-1).mean() > 0.15
+    assert sum((image != image[0, 0]).any(-1).mean() for image, _, _ in anywhere) < sum(
+        (image != image[0, 0]).any(-1).mean() for image, _, _ in centred)
+    train = single_object_sample(0, seed=0, layout="centred")["objects"][0]
+    assert abs(train.centre[0] - 16) <= 2 and abs(train.centre[1] - 16) <= 2

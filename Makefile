@@ -34,10 +34,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 install: $(VENV)/.installed
 
-# The demo (README "Demo"): one-shape images (one large shape near the centre) with their
-# captions written once to runs/demo_data_centred (recipe demo's shards), the demo recipe
-# trained on them, then a samples grid (runs/demo/samples/samples.png) and the issue-15
-# targets scored on held-out scenes (runs/demo/demo_targets.{json,png}).
+# The demo (README "Two commands"): one-shape images (one large shape near the centre) with
+# their captions written once to runs/demo_data_centred (recipe demo's shards), the demo recipe
+# trained on them, a samples grid (runs/demo/samples/samples.png), the targets scored on 64
+# held-out scenes (runs/demo/demo_targets.{json,png}) and unimm eval's generation and
+# captioning reports (runs/demo/eval/step-N/).
 DEMO_DATA := runs/demo_data_centred
 $(DEMO_DATA)/manifest.json: | install
 	$(PY) -m unimm.data_pipelines.write_shards --out $(DEMO_DATA) --count single_object_centred=8000 \
@@ -46,9 +47,8 @@ $(DEMO_DATA)/manifest.json: | install
 demo: install $(DEMO_DATA)/manifest.json
 	$(VENV)/bin/unimm train --recipe demo --out runs/demo
 	$(VENV)/bin/unimm sample --run runs/demo --recipe demo
-	$(PY) tools/demo_targets.py --run runs/demo
-# unimm eval (issue 15), to be enabled once it lands:
-#	$(VENV)/bin/unimm eval --run runs/demo --suite generation captioning
+	$(PY) tools/demo_targets.py --run runs/demo --n 64
+	$(VENV)/bin/unimm eval --run runs/demo --suite generation captioning --prompts 64 --captions 64
 
 test: install
 	$(PY) -m pytest -q

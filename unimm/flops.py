@@ -157,7 +157,12 @@ def measure_mix(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Positi
     booleans: fine for the few rows an estimate needs, even at 4096 positions.
     """
     allowed_BLL = build_attention_mask(inputs["document_ids"], inputs["frame_ids"], "sdpa")[:, 0]
-    density_BL = allowed_BLL.sum(-1).double() / labels.shape[1]
+    return mix_with_density(inputs, labels, allowed_BLL.sum(-1).double() / labels.shape[1])
+
+
+def mix_with_density(inputs: dict[str, torch.Tensor], labels: torch.Tensor, density_BL: torch.Tensor) -> PositionMix:
+    """The position mix of a packed batch given each query's attended fraction of the row
+    (``measure_mix`` evaluates the mask densely; the trainer counts keys per query)."""
     vision_BL = inputs["modality"] == VISION
     understanding_BL = inputs.get("understanding")  # dual-encoder batches only
     positions = labels.numel()

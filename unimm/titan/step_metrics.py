@@ -41,8 +41,7 @@ from typing import Any
 
 import torch
 
-from unimm.data.batch import IGNORE_INDEX, VISION
-from unimm.flops import ModelFlops, PositionMix
+from unimm.flops import ModelFlops, PositionMix, mix_with_density
 
 GIB = 1024**3
 
@@ -163,21 +162,7 @@ def step_mix(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> PositionM
     """:func:`unimm.flops.measure_mix` of a batch, with the densities from
     :func:`keys_per_query` (the same numbers, tested against it)."""
     density_BL = keys_per_query(inputs["document_ids"], inputs["frame_ids"]).double() / labels.shape[1]
-    vision_BL = inputs["modality"] == VISION
-    understanding_BL = inputs.get("understanding")
-    positions = labels.numel()
-
-    def mean(values: torch.Tensor) -> float:
-        return float(values.mean()) if values.numel() else 0.0
-
-    return PositionMix(
-        vision=float(vision_BL.sum()) / positions,
-        lm_targets=float((labels != IGNORE_INDEX).sum()) / positions,
-        denoised=float(inputs["denoise"].sum()) / positions,
-        text_density=mean(density_BL[~vision_BL]),
-        vision_density=mean(density_BL[vision_BL]),
-        understanding=0.0 if understanding_BL is None else float(understanding_BL.sum()) / positions,
-    )
+    return mix_with_density(inputs, labels, density_BL)
 
 
 def batch_mix(microbatches) -> PositionMix:

@@ -36,7 +36,7 @@ CPU. Triton runs CPU tensors only in its interpreter, enabled by TRITON_INTERPRE
 `triton` is first imported (triton.language builds its own functions at import time; setting the
 variable later leaves a half-interpreted, broken state). It is ~3000x slower than torch: for
 correctness checks on small shapes. The interpreter (triton 3.9) multiplies bf16 operands of
-tl.dot as their raw uint16 storage and truncates fp32 -> bf16; `interpreter_bf16.patch_interpreter_bf16` makes
+tl.dot as their raw uint16 storage and truncates fp32 -> bf16; `interpreter_compat.patch_interpreter` makes
 it do what the GPU does (exact products, fp32 accumulation, round to nearest even), so the
 kernels run their bf16 path unchanged there.
 """
@@ -79,19 +79,64 @@ def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _row_tile_mma(a_ptr, b_ptr, src_rows, row_mask, expert, cols, col_mask, K,
+def _weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn,
+                 K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A TMA descriptor over the expert weights b[E, K, N], whose unit-stride axis is N, or K with
+    K_MAJOR (the input grad's transposed view of w). The copy engine then brings each weight tile
+    into shared memory, bounds-checked and zero-filled by the hardware (no address arithmetic or
+    masks in registers). Made once per program: the persistent loop reuses it."""
+    if K_MAJOR:
+        desc = tl.make_tensor_descriptor(b_ptr, shape=[E, N, K], strides=[stride_be, stride_bn, 1],
+                                         block_shape=[1, BLOCK_N, BLOCK_K])
+    else:
+        desc = tl.make_tensor_descriptor(b_ptr, shape=[E, K, N], strides=[stride_be, stride_bk, 1],
+                                         block_shape=[1, BLOCK_K, BLOCK_N])
+    return desc
+
+
+@triton.jit
+def _weight_tile(b_ptr, b_desc, expert, k0, n0, K, N, stride_be, stride_bk, stride_bn,
+                 WEIGHT_TMA: tl.constexpr, K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """b[expert, k0:k0+BLOCK_K, n0:n0+BLOCK_N] as a [BLOCK_K, BLOCK_N] tile, zeros outside."""
+    if WEIGHT_TMA:
+        if K_MAJOR:
+            tile = tl.trans(b_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            tile = b_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        # int64 before the stride multiply: E*K*N passes 2**31 at full scale.
+        ptrs = (b_ptr + expert.to(tl.int64) * stride_be + ks.to(tl.int64)[:, None] * stride_bk
+                + cols.to(tl.int64)[None, :] * stride_bn)
+        tile = tl.load(ptrs, mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _weight_operand(b_ptr, E, K, N, stride_be, stride_bk, stride_bn,
+                    WEIGHT_TMA: tl.constexpr, K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What _weight_tile reads from: a TMA descriptor, or the pointer itself."""
+    if WEIGHT_TMA:
+        b = _weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn, K_MAJOR, BLOCK_K, BLOCK_N)
+    else:
+        b = b_ptr
+    return b
+
+
+@triton.jit
+def _row_tile_mma(a_ptr, b_ptr, b_desc, src_rows, row_mask, expert, n0, K, N,
                   stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
-                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # int64 before the stride multiply: R*K and E*K*N pass 2**31 at full scale.
+                  WEIGHT_TMA: tl.constexpr, K_MAJOR: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # int64 before the stride multiply: R*K passes 2**31 at full scale.
     a_rows = a_ptr + src_rows.to(tl.int64)[:, None] * stride_am
-    b_cols = b_ptr + expert.to(tl.int64) * stride_be + cols.to(tl.int64)[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
         a = tl.load(a_rows + ks.to(tl.int64)[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_cols + ks.to(tl.int64)[:, None] * stride_bk,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                    mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+        b = _weight_tile(b_ptr, b_desc, expert, k0, n0, K, N, stride_be, stride_bk, stride_bn,
+                         WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
@@ -101,14 +146,19 @@ def _grouped_mm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, gather_ptr, offsets_ptr,
     E, N, K, M_BUCKET,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-    HAS_GATHER: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,
+    HAS_GATHER: tl.constexpr, DUAL: tl.constexpr, K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, WEIGHT_TMA: tl.constexpr,
 ):
     # M_BUCKET (rows rounded up to a power of two) is an autotune key only.
     starts, ends, first_tile, tile_end = _expert_table(offsets_ptr, E, BLOCK_E, BLOCK_M)
     num_m = tl.sum(tile_end - first_tile, 0)
     num_n = tl.cdiv(N, BLOCK_N)
+    b = _weight_operand(b_ptr, E, K, N, stride_be, stride_bk, stride_bn, WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N)
+    if DUAL:
+        b2 = _weight_operand(b2_ptr, E, K, N, stride_be, stride_bk, stride_bn, WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N)
+    else:
+        b2 = b
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
         expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
@@ -118,16 +168,18 @@ def _grouped_mm_kernel(
             src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
         else:
             src_rows = rows
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
+        n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _row_tile_mma(a_ptr, b_ptr, src_rows, row_mask, expert, cols, col_mask, K,
-                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc, BLOCK_K, PRECISION)
+        acc = _row_tile_mma(a_ptr, b_ptr, b, src_rows, row_mask, expert, n0, K, N,
+                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
+                            WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N, PRECISION)
         if DUAL:  # same strides as (a, b): the caller checks
-            acc = _row_tile_mma(a2_ptr, b2_ptr, src_rows, row_mask, expert, cols, col_mask, K,
-                                stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc, BLOCK_K, PRECISION)
+            acc = _row_tile_mma(a2_ptr, b2_ptr, b2, src_rows, row_mask, expert, n0, K, N,
+                                stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
+                                WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N, PRECISION)
+        cols = n0 + tl.arange(0, BLOCK_N)
         c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -137,11 +189,13 @@ def _gate_up_kernel(
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_hm, stride_hn,
     HAS_GATHER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, WEIGHT_TMA: tl.constexpr,
 ):
     starts, ends, first_tile, tile_end = _expert_table(offsets_ptr, E, BLOCK_E, BLOCK_M)
     num_m = tl.sum(tile_end - first_tile, 0)
     num_n = tl.cdiv(N, BLOCK_N)
+    w1 = _weight_operand(w1_ptr, E, K, N, stride_we, stride_wk, stride_wn, WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
+    w3 = _weight_operand(w3_ptr, E, K, N, stride_we, stride_wk, stride_wn, WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
         expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
@@ -151,28 +205,28 @@ def _gate_up_kernel(
             src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
         else:
             src_rows = rows
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
+        n0 = pid_n * BLOCK_N
         x_rows = x_ptr + src_rows.to(tl.int64)[:, None] * stride_xm
-        w_off = expert.to(tl.int64) * stride_we + cols.to(tl.int64)[None, :] * stride_wn
         acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
             a = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk,
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b_mask = k_mask[:, None] & col_mask[None, :]
-            w_k = w_off + ks.to(tl.int64)[:, None] * stride_wk
-            acc1 = tl.dot(a, tl.load(w1_ptr + w_k, mask=b_mask, other=0.0), acc1, input_precision=PRECISION)
-            acc3 = tl.dot(a, tl.load(w3_ptr + w_k, mask=b_mask, other=0.0), acc3, input_precision=PRECISION)
+                        mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+            b1 = _weight_tile(w1_ptr, w1, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
+                              WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
+            acc1 = tl.dot(a, b1, acc1, input_precision=PRECISION)
+            b3 = _weight_tile(w3_ptr, w3, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
+                              WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
+            acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
         # h from the rounded h1, h3 (what is saved for backward), rounded once.
         h1 = acc1.to(h_ptr.dtype.element_ty)
         h3 = acc3.to(h_ptr.dtype.element_ty)
         g = h1.to(tl.float32)
         h = g * tl.sigmoid(g) * h3.to(tl.float32)
+        cols = n0 + tl.arange(0, BLOCK_N)
         offs = rows.to(tl.int64)[:, None] * stride_hm + cols.to(tl.int64)[None, :] * stride_hn
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = row_mask[:, None] & (cols < N)[None, :]
         tl.store(h1_ptr + offs, h1, mask=mask)
         tl.store(h3_ptr + offs, h3, mask=mask)
         tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -266,6 +320,6 @@ INTERPRETED = not isinstance(_grouped_mm_kernel, JITFunction)
 
 
 if INTERPRETED:
-    from .interpreter_bf16 import patch_interpreter_bf16
+    from .interpreter_compat import patch_interpreter
 
-    patch_interpreter_bf16()
+    patch_interpreter()

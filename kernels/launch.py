@@ -10,13 +10,22 @@ small 64x128x64 one for small or ragged groups. `triton.autotune` picks per key 
 to a power of two, N, K, E, gather, dual). Configs that do not fit in shared memory are skipped
 by the autotuner. The interpreter cannot time configs: it runs the config named by
 `force_configs` (tests run each), else the first of each list.
+
+Weight TMA. On sm90 and newer the kernels that read expert weights (forward, input grad,
+gate/up) can load them through a TMA descriptor (grouped_gemm._weight_desc) instead of masked
+pointer loads. Each of their configs then also exists with WEIGHT_TMA, and the autotuner times
+both per key, so TMA is used exactly where it measures faster. `weight_tma("on"|"off"|"auto")`
+or UNIMM_TRITON_WEIGHT_TMA fixes the choice (parity checks and benchmarks run each). A weight
+whose layout TMA cannot describe (no unit-stride axis among K and N, a stride or offset not a
+multiple of 16 bytes) takes the pointer path whatever the setting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -42,11 +51,14 @@ class TileConfig:
     GROUP_M: int = 8
     PROGRAMS_PER_SM: int = 1
     """Persistent grid size per multiprocessor (row-tiled kernels): as many as fit at once."""
+    WEIGHT_TMA: bool = False
+    """Expert weight tiles through a TMA descriptor (row-tiled kernels; sm90+)."""
 
     def meta(self, kind: str) -> dict:
         meta = {k: v for k, v in asdict(self).items() if k not in ("num_warps", "num_stages")}
         if kind == "dw":
             meta.pop("PROGRAMS_PER_SM")
+            meta.pop("WEIGHT_TMA")
         return meta
 
     def triton(self, kind: str) -> triton.Config:
@@ -87,25 +99,52 @@ def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+WEIGHT_TMA_KINDS = ("mm", "gate_up")
+"""The kernels that read expert weights, which TMA can load."""
+
+
+def with_weight_tma(configs: tuple[TileConfig, ...]) -> tuple[TileConfig, ...]:
+    return tuple(replace(c, WEIGHT_TMA=True) for c in configs)
+
+
+def _config_list(name: str, tma: str) -> tuple[TileConfig, ...]:
+    """The configs kernel `name` is tuned over: pointer loads, TMA ("on"), or both ("auto")."""
+    kind = _KIND[name]
+    base = DUAL_DW_CONFIGS if name == "dw_dual" else CONFIGS[kind]
+    if kind not in WEIGHT_TMA_KINDS or tma == "off":
+        return base
+    return with_weight_tma(base) if tma == "on" else base + with_weight_tma(base)
+
+
 def _tuned(kernel, kind: str, configs: tuple[TileConfig, ...]):
-    if INTERPRETED:
-        return None
     return triton.autotune([c.triton(kind) for c in configs], key=_AUTOTUNE_KEYS[kind], do_bench=_bench)(kernel)
 
 
-# One autotuner per use: the forward and the input grad differ in their weight strides.
-_TUNED = {
-    "fwd": _tuned(_grouped_mm_kernel, "mm", CONFIGS["mm"]),
-    "dx": _tuned(_grouped_mm_kernel, "mm", CONFIGS["mm"]),
-    "gate_up": _tuned(_gate_up_kernel, "gate_up", CONFIGS["gate_up"]),
-    "dw": _tuned(_weight_grad_kernel, "dw", CONFIGS["dw"]),
-    "dw_dual": _tuned(_weight_grad_kernel, "dw", DUAL_DW_CONFIGS),
-}
 _RAW = {"fwd": _grouped_mm_kernel, "dx": _grouped_mm_kernel, "gate_up": _gate_up_kernel,
         "dw": _weight_grad_kernel, "dw_dual": _weight_grad_kernel}
 _KIND = {"fwd": "mm", "dx": "mm", "gate_up": "gate_up", "dw": "dw", "dw_dual": "dw"}
 
+
+_autotuners: dict[tuple[str, str], triton.runtime.Autotuner] = {}
+
+
+def _autotuner(name: str, tma: str) -> triton.runtime.Autotuner:
+    # One autotuner per use and TMA setting: the forward and the input grad differ in their
+    # weight strides, and each setting tunes over its own config list.
+    if (name, tma) not in _autotuners:
+        _autotuners[name, tma] = _tuned(_RAW[name], _KIND[name], _config_list(name, tma))
+    return _autotuners[name, tma]
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """What the autotuners chose so far: {kernel/tma setting: {autotune key: config}} (reports)."""
+    return {f"{name}/tma-{tma}": {str(key): str(config) for key, config in tuner.cache.items()}
+            for (name, tma), tuner in _autotuners.items()}
+
+
 _forced: dict[str, TileConfig] = {}
+WEIGHT_TMA_ENV = "UNIMM_TRITON_WEIGHT_TMA"
+_weight_tma_mode = [os.environ.get(WEIGHT_TMA_ENV, "auto")]
 
 
 @contextlib.contextmanager
@@ -123,6 +162,64 @@ def force_configs(**configs: TileConfig):
         _forced.update(saved)
 
 
+def _check_tma_mode(mode: str, where: str) -> str:
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{where}: expected 'auto', 'on' or 'off', got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def weight_tma(mode: str):
+    """Expert weight loads through TMA: "auto" (the autotuner times both), "on" (TMA configs
+    only, where the layout allows), "off" (pointer loads only)."""
+    saved = _weight_tma_mode[0]
+    _weight_tma_mode[0] = _check_tma_mode(mode, "weight_tma")
+    try:
+        yield
+    finally:
+        _weight_tma_mode[0] = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_hardware(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0) and hasattr(triton.language, "make_tensor_descriptor")
+
+
+def weight_layout(b: torch.Tensor) -> tuple[bool, bool]:
+    """(k_major, tma_ok) of expert weights b [E, K, N]: whether K is the unit-stride axis (the
+    input grad's transposed view), and whether a TMA descriptor can describe b (16-byte aligned
+    offset and outer strides, a unit stride on K or N)."""
+    k_major = b.stride(2) != 1 and b.stride(1) == 1
+    unit_axis = 1 if k_major else 2
+    size = b.element_size()
+    aligned = (b.stride(unit_axis) == 1 and b.storage_offset() * size % 16 == 0
+               and all(b.stride(d) * size % 16 == 0 for d in range(3) if d != unit_axis))
+    return k_major, aligned
+
+
+def _tma_setting(*weights: torch.Tensor) -> str:
+    """The TMA setting of a launch reading these weights: "off" where TMA cannot be used."""
+    mode = _check_tma_mode(_weight_tma_mode[0], WEIGHT_TMA_ENV)
+    if mode == "off" or not all(weight_layout(w)[1] for w in weights):
+        return "off"
+    b = weights[0]
+    if INTERPRETED or (b.is_cuda and _tma_hardware(b.device.index if b.device.index is not None else torch.cuda.current_device())):
+        return mode
+    return "off"
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+@functools.lru_cache(maxsize=None)
+def _install_tma_allocator() -> None:
+    # Descriptors made inside a kernel live in global scratch memory that Triton asks the host
+    # for at launch. Inductor installs its own allocator before each launch of a compiled graph;
+    # eager launches need this one.
+    triton.set_allocator(_tma_scratch)
+
+
 def _wrap(kernel):
     if INTERPRETED:  # torch < 2.13's wrap_triton rejects interpreter functions
         return kernel
@@ -131,13 +228,20 @@ def _wrap(kernel):
     return wrap_triton(kernel)
 
 
-def _launch(name: str, grid, *args, **kwargs) -> None:
-    """Launch kernel `name`: the forced config, the interpreter's default, or the autotuner."""
+def _launch(name: str, grid, *args, tma: str = "off", **kwargs) -> None:
+    """Launch kernel `name`: the forced config, the interpreter's default, or the autotuner.
+
+    tma: the weight-TMA setting (_tma_setting) for the kernels that read expert weights; a forced
+    TMA config runs with pointer loads where the setting is "off"."""
     config = _forced.get(name)
     if config is None and INTERPRETED:
-        config = (DUAL_DW_CONFIGS if name == "dw_dual" else CONFIGS[_KIND[name]])[0]
+        config = _config_list(name, tma)[0]
+    if config is not None and tma == "off" and config.WEIGHT_TMA:
+        config = replace(config, WEIGHT_TMA=False)
+    if tma != "off" and not INTERPRETED:
+        _install_tma_allocator()
     if config is None:
-        _wrap(_TUNED[name])[grid](*args, **kwargs)
+        _wrap(_autotuner(name, tma))[grid](*args, **kwargs)
         return
     meta = config.meta(_KIND[name])
     _wrap(_RAW[name])[grid](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -199,8 +303,8 @@ def grouped_mm(
         gather_idx if gather_idx is not None else offsets, offsets,
         num_experts, n, k, _m_bucket(rows),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        HAS_GATHER=gather_idx is not None, DUAL=dual, PRECISION=_precision(a.dtype),
-        BLOCK_E=_block_e(num_experts),
+        HAS_GATHER=gather_idx is not None, DUAL=dual, K_MAJOR=weight_layout(b)[0], PRECISION=_precision(a.dtype),
+        BLOCK_E=_block_e(num_experts), tma=_tma_setting(b, b2) if dual else _tma_setting(b),
     )
     return c
 
@@ -222,6 +326,7 @@ def gate_up(
         num_experts, n, k, _m_bucket(rows),
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), h.stride(0), h.stride(1),
         HAS_GATHER=gather_idx is not None, PRECISION=_precision(x.dtype), BLOCK_E=_block_e(num_experts),
+        tma=_tma_setting(w1, w3),
     )
     return h, h1, h3
 

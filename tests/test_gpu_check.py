@@ -33,12 +33,14 @@ def test_dry_run_end_to_end(tmp_path):
     sections = report["sections"]
     parity = sections["kernel_parity"]["result"]
     assert parity["passed"] and {c["name"] for c in parity["cases"]} == {"fine_g16", "e1008", "modality_e2", "skewed_empty"}
-    assert {c["variant"] for c in parity["cases"]} == {"triton", "triton_unfused_gate_up", "triton_split2"}
+    assert {c["variant"] for c in parity["cases"]} == {
+        "triton", "triton_tma", "triton_no_tma", "triton_unfused_gate_up", "triton_split2"}
     assert any(c["empty_experts"] > 0 for c in parity["cases"])
     assert sections["kernel_compile"]["result"]["passed"]
     timing = sections["kernel_timing"]["result"]
     assert {r["backend"] for r in timing["rows"]} == {
-        "dense matmul", "torch_grouped_mm", "triton", "triton_unfused_gate_up", "triton_split2", "triton_split1"}
+        "dense matmul", "torch_grouped_mm", "triton", "triton_tma", "triton_no_tma", "triton_unfused_gate_up",
+        "triton_split2", "triton_split1"}
     # the policy's table: one entry per shape key (fine_g16 and skewed_empty share one), loadable
     from unimm.kernels.policy import load_table
 
@@ -53,6 +55,18 @@ def test_dry_run_end_to_end(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| field | value |" in md and "| device | cpu |" in md and "gpu_check.sh" in md
     assert "## Kernel parity" in md and "## Training" in md
+
+
+def test_markdown_gives_the_e1008_over_e32_ratio_and_the_autotuned_configs():
+    rows = [dict(layer=layer, routing="uniform", backend=backend, ms=ms, tflops=1.0, peak_mib=None)
+            for layer, backend, ms in (("e1008", "triton", 6.0), ("e32", "triton", 5.0),
+                                       ("e1008", "torch_grouped_mm", 9.0), ("e32", "torch_grouped_mm", 6.0))]
+    chosen = {"fwd/tma-auto": {"(262144, 512, 2048, 1008, True, False)": "BLOCK_M: 128, WEIGHT_TMA: True"}}
+    timing = dict(iters=10, timer="cuda events", rows=rows, backend_table=[], tuned_configs=chosen)
+    report = {"environment": {}, "sections": {"kernel_timing": dict(status="ok", seconds=1.0, budget_s=75, result=timing)}}
+    md = gpu_check.markdown(report)
+    assert "E=1008 over E=32 at equal active compute (target <= 1.2x): torch_grouped_mm: 1.5x, triton: 1.2x" in md
+    assert "| fwd/tma-auto | `(262144, 512, 2048, 1008, True, False)` | `BLOCK_M: 128, WEIGHT_TMA: True` |" in md
 
 
 def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path):

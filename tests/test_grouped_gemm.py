@@ -262,6 +262,60 @@ def test_triton_fused_and_unfused_gate_up_agree_in_fp32():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter child process")
+def test_triton_weight_tma_reads_weights_through_descriptors():
+    """With weight TMA the forward, the dual input grad (a K-major transposed view) and the fused
+    gate/up read every weight tile through a tensor descriptor, and give bit for bit what the
+    pointer loads give (same products, same order); without it no descriptor is made."""
+    from triton.runtime import interpreter
+
+    gen = torch.Generator().manual_seed(21)
+    d, h = 128, 128
+    offsets, gather_idx, x0, params = _routed_inputs(gen, 100, d, [(5, d, h), (5, d, h), (5, h, d)])
+    dy = torch.randn(gather_idx.shape[0], d, generator=gen).bfloat16()
+    builder = interpreter.InterpreterBuilder
+    loads = []
+    original = builder.create_descriptor_load
+
+    def counting_load(self, desc, indices, *args):
+        loads.append(tuple(desc.block_shape))
+        return original(self, desc, indices, *args)
+
+    results = {}
+    for tma in (False, True):
+        gate_up, mm = (c if not tma else launch.with_weight_tma((c,))[0]
+                       for c in (launch.CONFIGS["gate_up"][2], launch.CONFIGS["mm"][2]))
+        inputs = _leaves(x0, *params, dtype=torch.bfloat16)
+        loads.clear()
+        builder.create_descriptor_load = counting_load
+        try:
+            with launch.weight_tma("on"), launch.force_configs(gate_up=gate_up, fwd=mm, dx=mm):
+                y = swiglu_experts(*inputs, offsets, backend="triton", gather_idx=gather_idx)
+                y.backward(dy)
+        finally:
+            builder.create_descriptor_load = original
+        results[tma] = [y.detach()] + [t.grad for t in inputs]
+        # gate/up and forward: [1, BLOCK_K, BLOCK_N] tiles; the input grad's K-major view: [1, BLOCK_N, BLOCK_K]
+        shapes = set(loads)
+        assert shapes == ({(1, 64, 128), (1, 128, 64)} if tma else set()), shapes
+    for name, a, b in zip(("y", "x", "w_gate", "w_up", "w_down"), results[True], results[False]):
+        assert torch.equal(a, b), name
+
+
+def test_weight_tma_layout_rule():
+    """TMA needs a unit-stride axis among K and N and 16-byte aligned offset and outer strides."""
+    w = torch.zeros(4, 64, 32, dtype=torch.bfloat16)
+    assert launch.weight_layout(w) == (False, True)
+    assert launch.weight_layout(w.transpose(1, 2)) == (True, True)  # the input grad's view
+    assert launch.weight_layout(torch.zeros(4, 64, 4, dtype=torch.bfloat16)) == (False, False)  # rows of 8 bytes
+    assert launch.weight_layout(torch.zeros(4 * 64 * 32 + 3, dtype=torch.bfloat16)[3:].view(4, 64, 32))[1] is False
+    assert launch.weight_layout(w[1:3]) == (False, True)  # an expert-parallel slice stays aligned
+    assert launch.weight_layout(w[:, :, ::2])[1] is False  # no unit stride
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        with launch.weight_tma("always"):
+            pass
+
+
 def test_weight_grad_split_rule():
     # Plenty of (expert, tile) programs: no split. Few programs and many rows: split, a power of two,
     # within the fp32 buffer cap.

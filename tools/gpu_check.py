@@ -67,8 +67,10 @@ BUDGET_S = {  # per-section wall-clock budgets on the GPU (seconds); the global 
     # kernel_parity autotunes every Triton kernel at each shape on first use (compiles included;
     # TRITON_CACHE_AUTOTUNING=1 lets the later sections reuse the choices)
     # (Inductor autotunes the compiled layer's Triton kernels again: kernel_compile gets a minute)
-    "kernel_parity": 110, "kernel_compile": 60, "kernel_timing": 70, "attention": 45,
-    "train_dense": 65, "train_modality": 65, "train_moe": 65,
+    # (weight TMA doubles the configs of three kernels and adds two variants: parity and timing
+    # got 35 s more, taken from the others)
+    "kernel_parity": 130, "kernel_compile": 55, "kernel_timing": 75, "attention": 40,
+    "train_dense": 60, "train_modality": 60, "train_moe": 60,
 }
 DRY_BUDGET_S = {name: 300 for name in SECTIONS}
 """Dry run (CPU): a guard against hangs only; a busy 2-core machine needs minutes a section."""
@@ -184,13 +186,15 @@ def _rel(a, b) -> tuple[float, float]:
 
 
 def _variant(name: str):
-    """Context of one Triton variant: fused gate/up with the automatic weight-grad split (the
-    default), gate/up as two GEMMs, or the weight gradient split in 2 / not split."""
+    """Context of one Triton variant: fused gate/up with the automatic weight-grad split and the
+    autotuner choosing weight TMA or not (the default), weight TMA always / never, gate/up as two
+    GEMMs, or the weight gradient split in 2 / not split."""
     import contextlib
 
-    from unimm.kernels import unfused_gate_up, weight_grad_split
+    from unimm.kernels import launch, unfused_gate_up, weight_grad_split
 
     return {"triton": contextlib.nullcontext(), "triton_unfused_gate_up": unfused_gate_up(),
+            "triton_tma": launch.weight_tma("on"), "triton_no_tma": launch.weight_tma("off"),
             "triton_split2": weight_grad_split(2), "triton_split1": weight_grad_split(1)}[name]
 
 
@@ -200,14 +204,20 @@ def _variants(shape: dict, dry: bool) -> list[str]:
     partial buffers (17 GB): left out."""
     if dry and shape["routing"] != "modality":
         return ["triton"]
-    return ["triton", "triton_unfused_gate_up"] + (["triton_split2"] if shape["experts"] <= 256 else [])
+    return (["triton", "triton_tma", "triton_no_tma", "triton_unfused_gate_up"]
+            + (["triton_split2"] if shape["experts"] <= 256 else []))
+
+
+E32_SHAPE = dict(name="e32", tokens=16384, d_model=2048, d_expert=512, experts=32, top_k=16, routing="uniform")
+"""The sparsity sweep's densest point (moe_e32): against e1008 at equal active compute, the cost
+of 31x more experts (target: E=1008 <= 1.2x E=32)."""
 
 
 def timing_shapes(dry: bool) -> list[dict]:
-    """Every parity shape on the GPU; the dry run times the modality shape (the same code path,
-    every variant, at the interpreter's cheapest shape)."""
+    """Every parity shape and E=32 on the GPU; the dry run times the modality shape (the same
+    code path, every variant, at the interpreter's cheapest shape)."""
     shapes = parity_shapes(dry)
-    return [s for s in shapes if s["name"] == "modality_e2"] if dry else shapes
+    return [s for s in shapes if s["name"] == "modality_e2"] if dry else shapes + [E32_SHAPE]
 
 
 def _swiglu_run(shape: dict, backend: str, base, offsets, gather_idx, dy):
@@ -374,8 +384,10 @@ def section_kernel_timing(ctx: dict) -> dict:
     tables = Path(ctx["out"]) / "tables"
     tables.mkdir(exist_ok=True)
     (tables / f"{gpu_slug(str(env.get('device')))}.json").write_text(json.dumps(table, indent=2))
+    from unimm.kernels import launch
+
     return dict(dtype="bf16", iters=iters, warmup=warmup, timer="cuda events" if device.type == "cuda" else "perf_counter",
-                rows=rows, backend_table=table["entries"])
+                rows=rows, backend_table=table["entries"], tuned_configs=launch.tuned_configs())
 
 
 # ----------------------------------------------------------------------------- attention
@@ -728,11 +740,21 @@ def markdown(report: dict) -> str:
         for row in r["rows"]:
             lines.append(f"| {row['layer']} | {row['routing']} | {row['backend']} | {_fmt(row['ms'])} | {_fmt(row['tflops'])} "
                          f"| {_fmt(row.get('vs_dense'))} | {_fmt(row.get('vs_torch_grouped_mm'))} | {_fmt(row.get('peak_mib'), '.0f')} |")
+        by_case = {(row["layer"], row["backend"]): row["ms"] for row in r["rows"]}
+        ratios = [f"{b}: {_fmt(by_case[('e1008', b)] / by_case[('e32', b)])}x" for b in ("torch_grouped_mm", "triton")
+                  if ("e1008", b) in by_case and ("e32", b) in by_case]
+        if ratios:
+            lines += ["", f"E=1008 over E=32 at equal active compute (target <= 1.2x): {', '.join(ratios)}"]
         lines += ["", "## Backend table (backend_table.json: `auto` picks triton where triton ms < torch ms)", "",
                   "| key | case | triton ms | torch_grouped_mm ms | auto |", "| --- | --- | --- | --- | --- |"]
         for e in r["backend_table"]:
             pick = "triton" if e["triton_ms"] < e["torch_grouped_mm_ms"] else "torch_grouped_mm"
             lines.append(f"| {e['key']} | {e['case']} | {_fmt(e['triton_ms'])} | {_fmt(e['torch_grouped_mm_ms'])} | {pick} |")
+        lines += ["", "## Autotuned configs (kernel / weight-TMA setting: autotune key -> config)", "",
+                  "| kernel | key | config |", "| --- | --- | --- |"]
+        for kernel, chosen in r.get("tuned_configs", {}).items():
+            for key, config in chosen.items():
+                lines.append(f"| {kernel} | `{key}` | `{config}` |")
     if sec.get("attention", {}).get("status") == "ok":
         r = sec["attention"]["result"]
         lines += ["", f"## Attention (B {r['batch']}, seq {r['seq']}, {r['heads']} heads x {r['head_dim']}, {r['dtype']}; "

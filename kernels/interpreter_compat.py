@@ -1,8 +1,11 @@
-"""Workaround for Triton's CPU interpreter (TRITON_INTERPRET=1), which the kernel tests run under.
+"""Workarounds for Triton's CPU interpreter (TRITON_INTERPRET=1), which the kernel tests run under.
 
-Triton 3.9's interpreter does bf16 arithmetic unlike the GPU, so bf16 kernels could not be
-checked on CPU without it. The patch is idempotent and applies only when the kernels were
-built interpreted (`grouped_gemm.INTERPRETED`); compiled kernels never see it.
+- Its bf16 arithmetic differs from the GPU's, so bf16 kernels could not be checked on CPU.
+- Triton < 3.9 turns a scalar into a Python int (a `range` bound, say) with `int(array)` on a
+  one-element array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted").
+
+The patches are idempotent and apply only when the kernels were built interpreted
+(`grouped_gemm.INTERPRETED`); compiled kernels never see them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,28 @@ from __future__ import annotations
 import triton.language as tl
 
 
-def patch_interpreter_bf16() -> None:
+def patch_interpreter() -> None:
+    _patch_bf16()
+    _patch_scalar_index()
+
+
+def _patch_scalar_index() -> None:
+    """Scalars as Python ints from any one-element array (what triton 3.9 does)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_unimm_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    patch_lang_tensor._unimm_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def _patch_bf16() -> None:
     """Make the interpreter's bf16 arithmetic what the GPU does (triton 3.9's interpreter differs):
 
     - tl.dot hands bf16 operands, stored as uint16, to np.matmul as integers: widen them to fp32

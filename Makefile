@@ -27,7 +27,7 @@ endef
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(call install_torch,$(PY))
-	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet -r $(LOCK) torch==$(TORCH_VERSION)  # a lock at odds with this torch fails here, never swaps it
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # the locked setuptools builds it
 	$(PY) -m pip check
 	touch $@
@@ -56,10 +56,13 @@ test: install
 # Re-resolve the lock to the newest releases pyproject.toml allows. torch is resolved at
 # TORCH_VERSION against its CPU wheel (PIP_FIND_LINKS, where this machine keeps it) so that
 # the CUDA build's dependencies stay out of the lock; torch and triton are not written to it.
+# LOCK_CONSTRAINTS keeps the lock installable beside every supported torch, not only
+# TORCH_VERSION: torch 2.11 (the oldest supported, the GPU image's) requires setuptools<82.
+LOCK_CONSTRAINTS := setuptools<82
 lock:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==$(UV_VERSION)
-	echo "torch==$(TORCH_VERSION)" | $(VENV)/bin/uv pip compile pyproject.toml - --quiet \
+	printf 'torch==$(TORCH_VERSION)\n$(LOCK_CONSTRAINTS)\n' | $(VENV)/bin/uv pip compile pyproject.toml - --quiet \
 		--extra test --extra hf --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
 		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
 		--no-emit-package torch --no-emit-package triton --upgrade -o $(LOCK)

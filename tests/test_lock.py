@@ -32,6 +32,26 @@ def test_every_declared_dependency_is_locked_inside_its_range():
         )
 
 
+def test_lock_fits_the_installed_torch_and_the_makefile_constraints():
+    """Every requirement of this torch build and of the Makefile's LOCK_CONSTRAINTS (what older
+    supported torch releases need) is met by the lock's pins. A lock at odds with torch makes pip
+    reinstall torch at another version (torch 2.11 requires setuptools<82; a lock pinning
+    setuptools 84 turned `make install TORCH_VERSION=2.11.0` into torch 2.14.1)."""
+    from importlib.metadata import requires
+
+    pins = locked_versions(LOCK)
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("LOCK_CONSTRAINTS"))
+    constraints = [Requirement(r) for r in line.split(":=", 1)[1].split()]
+    assert constraints, "Makefile: LOCK_CONSTRAINTS names no requirement"
+    torch_needs = [Requirement(r) for r in requires("torch") or []]
+    for requirement in constraints + [r for r in torch_needs if r.marker is None or r.marker.evaluate({"extra": ""})]:
+        name = canonical(requirement.name)
+        if name in pins:
+            assert requirement.specifier.contains(pins[name], prereleases=True), (
+                f"requirements.lock pins {name}=={pins[name]}, outside {requirement} (torch or LOCK_CONSTRAINTS)"
+            )
+
+
 def test_lock_holds_no_cuda_packages():
     cuda = [name for name in locked_versions(LOCK) if name.startswith("nvidia-") or name.startswith("cuda-")]
     assert not cuda, f"CUDA packages in requirements.lock (resolve against a CPU torch): {cuda}"

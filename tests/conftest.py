@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from unimm.titan import compat
 from unimm.titan.metrics_jsonl import read_metrics
+
+needs_expert_parallel_torch = pytest.mark.skipif(
+    not compat.TORCH_FSDP_PER_PARAM_MESH,
+    reason="expert parallelism needs torch >= 2.12 (unimm.titan.compat; refusing it is tested in test_torch_211.py)",
+)
 
 if TYPE_CHECKING:
     import torch

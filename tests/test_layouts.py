@@ -6,6 +6,7 @@ import pytest
 from torchtitan.distributed import ParallelDims
 
 from unimm.errors import ConfigError
+from unimm.titan import compat
 from unimm.titan.config_checks import check_config
 from unimm.titan.launch import JobShape, expert_parallel_degree, hsdp_degrees, job_shape, load_recipe
 
@@ -55,7 +56,11 @@ def test_moe_recipe_shards_its_experts_over_expert_parallel_ranks():
     assert (par.data_parallel_replicate_degree, par.data_parallel_shard_degree, par.expert_parallel_degree) == (1, -1, 8)
     dims = ParallelDims.from_config(par, 64)
     assert (dims.dp_shard, dims.ep, dims.dp_shard // dims.ep) == (64, 8, 8)  # efsdp 8
-    assert check_config(config, 64) == []
+    if compat.TORCH_FSDP_PER_PARAM_MESH:
+        assert check_config(config, 64) == []
+    else:  # torch < 2.12 cannot run expert parallelism (unimm.titan.compat): refused before launch
+        with pytest.raises(ConfigError, match="needs torch >= 2.12"):
+            check_config(config, 64)
     single = load_recipe("moe_e1008", job=JobShape(world_size=1, gpus_per_node=1))
     assert single.parallelism.expert_parallel_degree == 1
 

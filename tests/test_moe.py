@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from unimm.data.batch import TEXT, VISION
 from unimm.model.ffn import FFNConfig, ModalityFFN
 from unimm.model.moe import MoE, MoEConfig, Router, combine_pairs, run_experts, update_expert_biases
+from conftest import needs_expert_parallel_torch
 
 
 def make_moe(**overrides) -> MoE:
@@ -239,6 +240,7 @@ def _expert_parallel_worker(rank: int, init_file: str) -> None:
 
 
 @pytest.mark.slow
+@needs_expert_parallel_torch
 def test_expert_parallel_runs_shared_experts_densely_and_matches_one_process(tmp_path):
     """EP=2 over gloo: outputs and gradients equal 1 process, and each rank receives only
     the routed pairs of its own experts (not every token for the shared expert)."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import losses, train_recipe
+from conftest import losses, needs_expert_parallel_torch, train_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -13,6 +13,7 @@ def train(out, cache, *extra, steps, nproc=1):
     return train_recipe("debug_cpu_moe", out, cache, *extra, steps=steps, nproc=nproc)
 
 
+@needs_expert_parallel_torch
 def test_expert_parallel_over_two_processes_matches_one(tmp_path, data_cache):
     seed = tmp_path / "seed"
     train(seed, data_cache, "--checkpoint.create_seed_checkpoint", steps=1)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from unimm.cli import main
+from conftest import needs_expert_parallel_torch
 
 
 def _report(capsys, *argv: str) -> dict:
@@ -58,6 +59,7 @@ def test_debug_cpu_on_4_gpus_matches_a_hand_count(capsys):
     assert r["total_bytes_estimate"]["none"] == r["exact_state_bytes"] + r["fsdp_transient_bytes_estimate"] + acts["none"]
 
 
+@needs_expert_parallel_torch
 def test_debug_moe_hsdp_with_expert_parallel_matches_a_hand_count(capsys):
     r = _report(
         capsys, "--recipe", "debug_cpu_moe", "--gpus", "4", "--gpus-per-node", "2",
@@ -114,6 +116,7 @@ def test_dense_1b5_on_128_gpus_is_hsdp_16_x_8(capsys):
     assert r["total_bytes_estimate"]["selective"] < 80 * 2**30
 
 
+@needs_expert_parallel_torch
 def test_moe_e1008_on_64_gpus_is_expert_parallel_8_x_8(capsys):
     r = _report(capsys, "--recipe", "moe_e1008", "--gpus", "64")
     # the recipe's own layout: FSDP over the 64 GPUs, experts over ep 8 (inside a node) x efsdp 8

@@ -1,21 +1,69 @@
-"""What torchtitan 0.3.0 needs to run on CPU with gloo, and on torch 2.13. Nothing else.
+"""What torchtitan 0.3.0 needs to run on CPU with gloo, and on torch 2.11 to 2.13. Nothing else.
 
 torchtitan targets CUDA and the torch it was released with. Each function below mends one
 measured gap (see ../shared/FINDINGS.md) and says why; `apply()` is idempotent and is called
 before the trainer is built, on every device, so CPU runs and GPU runs share one code path.
+
+torch 2.11 (the torch of CUDA images in use today) needs one mend at import time, before
+torchtitan loads, so `unimm/__init__.py` imports this module first: torchtitan 0.3.0 imports
+`torch.distributed.fsdp.DataParallelMeshDims`, which torch adds in 2.12 (for FSDP over a
+full-DTensor mesh: which axes shard and which replicate), and without it does not import at all.
+unimm runs FSDP only with `--parallelism.spmd_backend partial_dtensor` (parallelize.py refuses
+the others), where torchtitan never builds or passes one, so a stand-in type is enough; were
+one ever passed to torch 2.11's `fully_shard`, torch itself would reject the argument.
+
+And one limit no mend lifts: expert parallelism. torchtitan 0.3.0 shards a block's routed
+experts and its dense weights over different meshes through FSDP's per-parameter placement
+(`ShardPlacementResult` with a mesh), which torch adds in 2.12, and its all-to-all dispatcher
+calls a 2.12 function. On torch < 2.12 an expert-parallel layout is refused before launch
+(config_checks) and in parallelize, with `expert_parallel_error`'s message.
 """
 
 from __future__ import annotations
 
 import platform
 import resource
+from dataclasses import dataclass
 from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp as _fsdp
 
 _applied = False
+
+TORCH_FSDP_HAS_MESH_DIMS = hasattr(_fsdp, "DataParallelMeshDims")
+try:
+    from torch.distributed.fsdp._fully_shard._fsdp_common import ShardPlacementResult  # noqa: F401
+
+    TORCH_FSDP_PER_PARAM_MESH = True
+except ImportError:
+    TORCH_FSDP_PER_PARAM_MESH = False
+
+if not TORCH_FSDP_HAS_MESH_DIMS:
+
+    @dataclass(frozen=True)
+    class DataParallelMeshDims:
+        """Import-time stand-in for torch >= 2.12's type of the same name (see the module doc)."""
+
+        shard: str | tuple[str, ...] | None = None
+        replicate: str | tuple[str, ...] | None = None
+
+    DataParallelMeshDims.__module__ = "torch.distributed.fsdp"
+    _fsdp.DataParallelMeshDims = DataParallelMeshDims
+
+
+def expert_parallel_error(ep_degree: int) -> str | None:
+    """Why this torch cannot run expert parallelism of `ep_degree`, or None where it can."""
+    if ep_degree <= 1 or TORCH_FSDP_PER_PARAM_MESH:
+        return None
+    return (
+        f"--parallelism.expert_parallel_degree={ep_degree} needs torch >= 2.12 (this is {torch.__version__}): "
+        "torchtitan 0.3.0 shards experts and dense weights on different meshes through FSDP's "
+        "per-parameter placement, which torch adds in 2.12. Use expert_parallel_degree 1 (experts "
+        "sharded by FSDP like every other weight) or a newer torch."
+    )
 
 
 class _CpuDeviceModule:

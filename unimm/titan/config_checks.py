@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from unimm.errors import ConfigError
+from unimm.titan import compat
 
 LR_OPTION = "--optimizer.param-groups.{group}.optimizer-kwargs.lr"
 """torchtitan 0.3.0's spelling of one param group's learning rate (tyro; measured)."""
@@ -259,6 +260,9 @@ def _parallel_errors(config, world_size: int) -> list[str]:
         "expert_parallel_degree": getattr(parallelism, "expert_parallel_degree", 1),
     }
     errors = [f"--parallelism.{name}={value}: expected 1 (off) or more" for name, value in degrees.items() if value < 1]
+    unsupported = compat.expert_parallel_error(degrees["expert_parallel_degree"])
+    if unsupported:
+        errors.append(unsupported)
     shard = parallelism.data_parallel_shard_degree
     if shard == 0 or shard < -1:
         errors.append(f"--parallelism.data_parallel_shard_degree={shard}: expected -1 (the processes left) or 1 or more")

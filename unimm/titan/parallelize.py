@@ -36,7 +36,7 @@ from unimm.errors import ConfigError
 from unimm.kernels import GROUPED_GEMM_OPS
 from unimm.model.moe import MoE
 from unimm.model.transformer import UnimmModel
-from unimm.titan.compat import force_sum_reduction_on_gloo
+from unimm.titan.compat import expert_parallel_error, force_sum_reduction_on_gloo
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,6 +156,9 @@ def parallelize_unimm(
     if float8 is not None and float8.enable:
         apply_float8(model, float8, compile_config.enable and "model" in compile_config.components)
     if parallel_dims.ep_enabled:
+        unsupported = expert_parallel_error(parallel_dims.ep)
+        if unsupported:
+            raise ValueError(unsupported)
         ep_mesh = parallel_dims.get_mesh("ep")
         routed = [m for m in model.modules() if isinstance(m, MoE)]
         if not routed:

@@ -315,7 +315,9 @@ class WeightedSlotSum(torch.autograd.Function):
         acc_TD = torch.zeros(y_TkD.shape[0], y_TkD.shape[2], dtype=torch.float32, device=y_TkD.device)
         for j in range(y_TkD.shape[1]):
             acc_TD = acc_TD + w_Tk[:, j, None] * y_TkD[:, j].float()
-        return acc_TD.to(y_TkD.dtype)
+        # copy=True: for fp32 y a plain .to() would return acc_TD itself, and torch 2.11's
+        # compile then gives this Function wrong gradients (zeros for y); 2.13 is right either way.
+        return acc_TD.to(y_TkD.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):

@@ -55,6 +55,10 @@ def test_dry_run_end_to_end(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| field | value |" in md and "| device | cpu |" in md and "gpu_check.sh" in md
     assert "## Kernel parity" in md and "## Training" in md
+    assert "## Targets" in md and "## Profile: modality_e2 fwd+bwd, triton" in md
+    profile = timing["profiles"]["triton"]
+    assert profile and abs(sum(k["share"] for k in profile) - 1) <= 1 - 0.5 and all(k["ms"] > 0 for k in profile)
+    assert len(report["targets"]) == 8
 
 
 def test_markdown_gives_the_e1008_over_e32_ratio_and_the_autotuned_configs():
@@ -67,6 +71,38 @@ def test_markdown_gives_the_e1008_over_e32_ratio_and_the_autotuned_configs():
     md = gpu_check.markdown(report)
     assert "E=1008 over E=32 at equal active compute (target <= 1.2x): torch_grouped_mm: 1.5x, triton: 1.2x" in md
     assert "| fwd/tma-auto | `(262144, 512, 2048, 1008, True, False)` | `BLOCK_M: 128, WEIGHT_TMA: True` |" in md
+
+
+def test_targets_against_hand_computed_margins():
+    def row(layer, backend, ms):
+        return dict(layer=layer, routing="uniform", backend=backend, ms=ms)
+
+    timing = dict(rows=[row("fine_g16", "triton", 10.0), row("fine_g16", "torch_grouped_mm", 14.0),
+                        row("fine_g16", "dense matmul", 5.0), row("e1008", "triton", 6.0),
+                        row("e1008", "torch_grouped_mm", 9.0), row("e32", "triton", 5.0), row("e32", "torch_grouped_mm", 6.0)])
+    attention = dict(timings={"flex_hybrid": {"ms": 12.0}, "flex_causal": {"ms": 10.0}}, flex_vs_sdpa=2.5)
+    dense = dict(metrics={"perf/mfu": {"last": 0.41, "median_after_first": 0.40}})
+    sections = {"kernel_timing": dict(status="ok", result=timing), "attention": dict(status="ok", result=attention),
+                "train_dense": dict(status="ok", result=dense), "train_moe": dict(status="error", error="boom")}
+    got = {t["target"].split(",")[0].split(" (")[0]: t for t in gpu_check.targets(sections)}
+    expect = {  # measured, margin (None: not measured)
+        "Triton fwd+bwd over torch._grouped_mm": (1.4, 1.4 / 1.3 - 1),
+        "Triton fwd+bwd vs a dense matmul of equal FLOPs": (0.5, 0.5 / 0.6 - 1),
+        "Hybrid-mask FlexAttention time over pure causal": (1.2, 1.3 / 1.2 - 1),
+        "Dense-mask SDPA time over hybrid-mask FlexAttention": (2.5, 0.25),
+        "MFU": None,  # three MFU rows share this prefix: checked below
+        "MoE layer time at E=1008 over E=32": (6.0 / 5.0, 1.2 / 1.2 - 1),  # the faster backend at each E
+    }
+    for name, (measured, margin) in ((k, v) for k, v in expect.items() if v):
+        t = got[name]
+        assert t["measured"] == pytest.approx(measured) and t["margin"] == pytest.approx(margin), t
+        assert t["met"] == (margin >= -1e-12)
+    mfu = [t for t in gpu_check.targets(sections) if t["target"].startswith("MFU")]
+    assert [t["measured"] for t in mfu] == [0.40, None, None]  # modality not run, moe failed
+    assert mfu[0]["met"] is False and mfu[0]["margin"] == pytest.approx(0.40 / 0.45 - 1)
+    table = gpu_check.targets_table(sections)
+    assert "| MFU, dense_1b5 | >= 0.45 | 0.4 | no | -11% |" in table
+    assert "| MFU, moe_e256 (shortened depth) | >= 0.3 | - | - | not measured |" in table
 
 
 def test_failing_section_is_recorded_and_the_run_goes_on(tmp_path):

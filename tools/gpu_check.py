@@ -374,6 +374,8 @@ def section_kernel_timing(ctx: dict) -> dict:
             if row["layer"] == layer.name:
                 row["vs_dense"] = times["dense matmul"] / row["ms"]
                 row["vs_torch_grouped_mm"] = times["torch_grouped_mm"] / row["ms"]
+        if shape["name"] == PROFILED_LAYER[ctx["dry"]]:
+            profiles = {name: top_kernels(steps[name], device) for name in ("triton", "torch_grouped_mm")}
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -387,7 +389,31 @@ def section_kernel_timing(ctx: dict) -> dict:
     from unimm.kernels import launch
 
     return dict(dtype="bf16", iters=iters, warmup=warmup, timer="cuda events" if device.type == "cuda" else "perf_counter",
-                rows=rows, backend_table=table["entries"], tuned_configs=launch.tuned_configs())
+                rows=rows, backend_table=table["entries"], tuned_configs=launch.tuned_configs(),
+                profiled_layer=PROFILED_LAYER[ctx["dry"]], profiles=profiles)
+
+
+PROFILED_LAYER = {False: "fine_g16", True: "modality_e2"}
+"""The layer whose fwd+bwd is profiled (the fine-grained target's; the dry run's only timed one)."""
+
+
+def top_kernels(step, device, top: int = 8) -> list[dict]:
+    """One profiled call of `step`: the ops with the most self time on the device (CPU in a dry
+    run), with their share of that time: what a missed kernel target is spent on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()  # warm: autotuning and compiles stay out of the profile
+    _sync(device)
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [dict(name=e.key[:90], ms=getattr(e, attr) / 1e3, calls=e.count, share=getattr(e, attr) / total)
+            for e in events[:top]]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -702,6 +728,71 @@ def environment(args, command: str) -> dict:
     return info
 
 
+def _ok_section(sections: dict, name: str) -> dict | None:
+    section = sections.get(name, {})
+    return section.get("result") if section.get("status") == "ok" else None
+
+
+def _layer_ms(timing: dict, layer: str, backend: str) -> float | None:
+    return next((r["ms"] for r in timing["rows"] if r["layer"] == layer and r["backend"] == backend), None)
+
+
+def _median_mfu(train: dict | None) -> float | None:
+    return ((train or {}).get("metrics", {}).get("perf/mfu") or {}).get("median_after_first")
+
+
+def targets(sections: dict) -> list[dict]:
+    """The issue's targets against this run's figures: measured, goal, whether met and by how
+    much (margin: measured over goal, or goal over measured for an upper bound, minus 1; below 0
+    is a miss by that fraction). A target whose section did not run is listed unmeasured."""
+    timing = _ok_section(sections, "kernel_timing")
+    attention = _ok_section(sections, "attention")
+    fine = "fine_g16"
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    def best(layer):  # what `auto` would run at this layer: the faster backend
+        times = [_layer_ms(timing, layer, b) for b in ("triton", "torch_grouped_mm")] if timing else []
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    rows = [
+        ("Triton fwd+bwd over torch._grouped_mm, fine-grained layer (speed-up)", ">=", 1.3,
+         ratio(_layer_ms(timing, fine, "torch_grouped_mm"), _layer_ms(timing, fine, "triton")) if timing else None),
+        ("Triton fwd+bwd vs a dense matmul of equal FLOPs, fine-grained layer (fraction of its speed)", ">=", 0.6,
+         ratio(_layer_ms(timing, fine, "dense matmul"), _layer_ms(timing, fine, "triton")) if timing else None),
+        ("Hybrid-mask FlexAttention time over pure causal (fwd+bwd)", "<=", 1.3,
+         ratio(attention["timings"]["flex_hybrid"]["ms"], attention["timings"]["flex_causal"]["ms"]) if attention else None),
+        ("Dense-mask SDPA time over hybrid-mask FlexAttention (speed-up)", ">=", 2.0,
+         attention["flex_vs_sdpa"] if attention else None),
+        ("MFU, dense_1b5", ">=", 0.45, _median_mfu(_ok_section(sections, "train_dense"))),
+        ("MFU, modality_ffn_2b3", ">=", 0.45, _median_mfu(_ok_section(sections, "train_modality"))),
+        ("MFU, moe_e256 (shortened depth)", ">=", 0.30, _median_mfu(_ok_section(sections, "train_moe"))),
+        ("MoE layer time at E=1008 over E=32, equal active compute (faster backend each)", "<=", 1.2,
+         ratio(best("e1008"), best("e32")) if timing else None),
+    ]
+    out = []
+    for what, op, goal, measured in rows:
+        if measured is None:
+            out.append(dict(target=what, goal=f"{op} {goal}", measured=None, met=None, margin=None))
+            continue
+        margin = measured / goal - 1 if op == ">=" else goal / measured - 1
+        out.append(dict(target=what, goal=f"{op} {goal}", measured=measured, met=margin >= 0, margin=margin))
+    return out
+
+
+def targets_table(sections: dict) -> list[str]:
+    lines = ["", "## Targets (margin: how far past the goal, negative = missed by that much; where one is missed,",
+             "the kernel profile below shows where the time goes)", "",
+             "| target | goal | measured | met | margin |", "| --- | --- | --- | --- | --- |"]
+    for t in targets(sections):
+        margin = "not measured" if t["margin"] is None else f"{t['margin']:+.0%}"
+        met = "-" if t["met"] is None else "yes" if t["met"] else "no"
+        lines.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])} | {met} | {margin} |")
+    return lines
+
+
 def _fmt(v, spec=".3g"):
     return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
@@ -717,6 +808,7 @@ def markdown(report: dict) -> str:
         note = (rec.get("error") or "").splitlines()[0][:120] if rec.get("error") else ""
         lines.append(f"| {name} | {rec['status']} | {_fmt(rec.get('seconds'), '.1f')} | {_fmt(rec.get('budget_s'), '.0f')} | {note} |")
     sec = report["sections"]
+    lines += targets_table(sec)
     if sec.get("kernel_parity", {}).get("status") == "ok":
         r = sec["kernel_parity"]["result"]
         lines += ["", f"## Kernel parity (bf16, triton vs torch._grouped_mm; pass: max rel <= {r['tolerance']})", "",
@@ -755,6 +847,11 @@ def markdown(report: dict) -> str:
         for kernel, chosen in r.get("tuned_configs", {}).items():
             for key, config in chosen.items():
                 lines.append(f"| {kernel} | `{key}` | `{config}` |")
+        for backend, kernels in r.get("profiles", {}).items():
+            lines += ["", f"## Profile: {r['profiled_layer']} fwd+bwd, {backend} (ops by self time on the device)", "",
+                      "| op | ms | calls | share |", "| --- | --- | --- | --- |"]
+            for k in kernels:
+                lines.append(f"| `{k['name']}` | {_fmt(k['ms'])} | {k['calls']} | {k['share']:.0%} |")
     if sec.get("attention", {}).get("status") == "ok":
         r = sec["attention"]["result"]
         lines += ["", f"## Attention (B {r['batch']}, seq {r['seq']}, {r['heads']} heads x {r['head_dim']}, {r['dtype']}; "
@@ -818,6 +915,7 @@ def main(argv=None) -> int:
             print(f"gpu_check: {name}: {report['sections'][name]['status']} in "
                   f"{report['sections'][name].get('seconds', 0):.1f} s", flush=True)
         report["total_s"] = time.perf_counter() - start
+        report["targets"] = targets(report["sections"])
         # written after every section: a run killed from outside still leaves what it measured
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
         (out / "gpu_check.md").write_text(markdown(report))

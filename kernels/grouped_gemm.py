@@ -79,6 +79,22 @@ def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tile, num_m, num_n, starts, ends, first_tile, tile_end, gather_ptr, HAS_GATHER: tl.constexpr,
+               BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Persistent tile `tile` of a row-tiled kernel, in grouped order: (expert, output rows, their
+    mask, the rows of the token operand they read, first output column)."""
+    pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+    expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    if HAS_GATHER:
+        src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
+    else:
+        src_rows = rows
+    return expert, rows, row_mask, src_rows, pid_n * BLOCK_N
+
+
+@triton.jit
 def _weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn,
                  K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """A TMA descriptor over the expert weights b[E, K, N], whose unit-stride axis is N, or K with
@@ -95,19 +111,20 @@ def _weight_desc(b_ptr, E, K, N, stride_be, stride_bk, stride_bn,
 
 
 @triton.jit
-def _weight_tile(b_ptr, b_desc, expert, k0, n0, K, N, stride_be, stride_bk, stride_bn,
+def _weight_tile(b, expert, k0, n0, K, N, stride_be, stride_bk, stride_bn,
                  WEIGHT_TMA: tl.constexpr, K_MAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """b[expert, k0:k0+BLOCK_K, n0:n0+BLOCK_N] as a [BLOCK_K, BLOCK_N] tile, zeros outside."""
+    """b[expert, k0:k0+BLOCK_K, n0:n0+BLOCK_N] as a [BLOCK_K, BLOCK_N] tile, zeros outside; b is
+    what _weight_operand gave (a descriptor with WEIGHT_TMA, else the pointer)."""
     if WEIGHT_TMA:
         if K_MAJOR:
-            tile = tl.trans(b_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+            tile = tl.trans(b.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
         else:
-            tile = b_desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+            tile = b.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
     else:
         ks = k0 + tl.arange(0, BLOCK_K)
         cols = n0 + tl.arange(0, BLOCK_N)
         # int64 before the stride multiply: E*K*N passes 2**31 at full scale.
-        ptrs = (b_ptr + expert.to(tl.int64) * stride_be + ks.to(tl.int64)[:, None] * stride_bk
+        ptrs = (b + expert.to(tl.int64) * stride_be + ks.to(tl.int64)[:, None] * stride_bk
                 + cols.to(tl.int64)[None, :] * stride_bn)
         tile = tl.load(ptrs, mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
     return tile
@@ -125,7 +142,7 @@ def _weight_operand(b_ptr, E, K, N, stride_be, stride_bk, stride_bn,
 
 
 @triton.jit
-def _row_tile_mma(a_ptr, b_ptr, b_desc, src_rows, row_mask, expert, n0, K, N,
+def _row_tile_mma(a_ptr, b, src_rows, row_mask, expert, n0, K, N,
                   stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
                   WEIGHT_TMA: tl.constexpr, K_MAJOR: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -135,9 +152,9 @@ def _row_tile_mma(a_ptr, b_ptr, b_desc, src_rows, row_mask, expert, n0, K, N,
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + ks.to(tl.int64)[None, :] * stride_ak,
                     mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
-        b = _weight_tile(b_ptr, b_desc, expert, k0, n0, K, N, stride_be, stride_bk, stride_bn,
-                         WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        b_tile = _weight_tile(b, expert, k0, n0, K, N, stride_be, stride_bk, stride_bn,
+                              WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, b_tile, acc, input_precision=PRECISION)
     return acc
 
 
@@ -160,21 +177,14 @@ def _grouped_mm_kernel(
     else:
         b2 = b
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-        expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if HAS_GATHER:
-            src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
-        else:
-            src_rows = rows
-        n0 = pid_n * BLOCK_N
+        expert, rows, row_mask, src_rows, n0 = _tile_rows(tile, num_m, num_n, starts, ends, first_tile, tile_end,
+                                                          gather_ptr, HAS_GATHER, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _row_tile_mma(a_ptr, b_ptr, b, src_rows, row_mask, expert, n0, K, N,
+        acc = _row_tile_mma(a_ptr, b, src_rows, row_mask, expert, n0, K, N,
                             stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
                             WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N, PRECISION)
         if DUAL:  # same strides as (a, b): the caller checks
-            acc = _row_tile_mma(a2_ptr, b2_ptr, b2, src_rows, row_mask, expert, n0, K, N,
+            acc = _row_tile_mma(a2_ptr, b2, src_rows, row_mask, expert, n0, K, N,
                                 stride_am, stride_ak, stride_be, stride_bk, stride_bn, acc,
                                 WEIGHT_TMA, K_MAJOR, BLOCK_K, BLOCK_N, PRECISION)
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -197,15 +207,8 @@ def _gate_up_kernel(
     w1 = _weight_operand(w1_ptr, E, K, N, stride_we, stride_wk, stride_wn, WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
     w3 = _weight_operand(w3_ptr, E, K, N, stride_we, stride_wk, stride_wn, WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
-        expert, row_start, row_end = _locate(pid_m, starts, ends, first_tile, tile_end, BLOCK_E, BLOCK_M)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if HAS_GATHER:
-            src_rows = tl.load(gather_ptr + rows, mask=row_mask, other=0)
-        else:
-            src_rows = rows
-        n0 = pid_n * BLOCK_N
+        expert, rows, row_mask, src_rows, n0 = _tile_rows(tile, num_m, num_n, starts, ends, first_tile, tile_end,
+                                                          gather_ptr, HAS_GATHER, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
         x_rows = x_ptr + src_rows.to(tl.int64)[:, None] * stride_xm
         acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -213,10 +216,10 @@ def _gate_up_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_rows + ks.to(tl.int64)[None, :] * stride_xk,
                         mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
-            b1 = _weight_tile(w1_ptr, w1, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
+            b1 = _weight_tile(w1, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
                               WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
             acc1 = tl.dot(a, b1, acc1, input_precision=PRECISION)
-            b3 = _weight_tile(w3_ptr, w3, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
+            b3 = _weight_tile(w3, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
                               WEIGHT_TMA, False, BLOCK_K, BLOCK_N)
             acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
         # h from the rounded h1, h3 (what is saved for backward), rounded once.

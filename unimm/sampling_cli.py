@@ -133,17 +133,10 @@ class LoadedRun:
 
 
 def _check_architecture(checkpoint: Path, model_config, recipe: str) -> None:
-    from unimm.convert.architecture import shape_differences, tensor_shapes
-    from unimm.convert.dcp_io import DcpCheckpoint
-    from unimm.titan.param_groups import TOP_LEVEL
+    from unimm.convert.architecture import checkpoint_differences
 
-    expected = tensor_shapes(model_config)
-    tops = {name.split(".")[0] for name in expected} | set(TOP_LEVEL)
-    # other saved states (loss centering, ...) are not model tensors and are not loaded
-    found = {k: v for k, v in DcpCheckpoint(checkpoint).shapes().items() if k.split(".")[0] in tops}
-    differences = shape_differences(expected, found)
-    if differences:
-        shown = "; ".join(differences[:3]) + (f"; {len(differences) - 3} more" if len(differences) > 3 else "")
+    shown = checkpoint_differences(checkpoint, model_config)
+    if shown:
         raise ConfigError(
             f"{checkpoint} holds another architecture than recipe {recipe!r}'s model: {shown}. Pass the recipe and "
             "the --section.key options the run was trained with (RUN/run.json records them)"

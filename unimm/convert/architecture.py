@@ -60,6 +60,20 @@ def _summary(differences: list[str], limit: int = 3) -> str:
     return "; ".join(differences[:limit]) + more
 
 
+def checkpoint_differences(path: Path, model: UnimmModel.Config, limit: int = 3) -> str:
+    """How the model tensors of the DCP checkpoint at ``path`` differ from ``model``'s, summed up
+    ("" when they match). Other saved states (loss centering, ...) are not model tensors and are
+    left out."""
+    from unimm.convert.dcp_io import DcpCheckpoint
+    from unimm.titan.param_groups import TOP_LEVEL
+
+    expected = tensor_shapes(model)
+    tops = {name.split(".")[0] for name in expected} | set(TOP_LEVEL)
+    found = {k: v for k, v in DcpCheckpoint(path).shapes().items() if k.split(".")[0] in tops}
+    differences = shape_differences(expected, found)
+    return _summary(differences, limit) if differences else ""
+
+
 def check_shapes(model: UnimmModel.Config, found: Shapes, where: Path, source: str) -> None:
     differences = shape_differences(tensor_shapes(model), found)
     if differences:

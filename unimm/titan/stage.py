@@ -57,7 +57,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.tools.logging import logger
 
 from unimm.errors import ConfigError
-from unimm.titan.param_groups import GROUPS, TOP_LEVEL, canonical_name, expand, group_sizes, parameter_parts
+from unimm.titan.param_groups import GROUPS, canonical_name, expand, group_sizes, parameter_parts
 
 
 @dataclass(kw_only=True, slots=True)
@@ -390,16 +390,10 @@ def resolve_init_from(spec: str) -> Path:
 
 def check_architecture(path: Path, model_config, what: str) -> None:
     """Refuse a DCP checkpoint whose model tensors are not ``model_config``'s (names and shapes)."""
-    from unimm.convert.architecture import shape_differences, tensor_shapes
-    from unimm.convert.dcp_io import DcpCheckpoint
+    from unimm.convert.architecture import checkpoint_differences
 
-    expected = tensor_shapes(model_config)
-    model_tops = {name.split(".")[0] for name in expected} | set(TOP_LEVEL) | {"layers"}
-    # other saved states (loss centering, ...) are not model tensors and are not loaded
-    found = {k: v for k, v in DcpCheckpoint(path).shapes().items() if k.split(".")[0] in model_tops}
-    differences = shape_differences(expected, found)
-    if differences:
-        shown = "; ".join(differences[:4]) + (f"; {len(differences) - 4} more" if len(differences) > 4 else "")
+    shown = checkpoint_differences(path, model_config, limit=4)
+    if shown:
         raise ConfigError(
             f"{what} {path} holds another architecture than this run's model: {shown}. A stage starts from a "
             "checkpoint of the same model (the same recipe and --model_size.* / model options)"

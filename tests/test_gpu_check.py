@@ -57,7 +57,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert "## Kernel parity" in md and "## Training" in md
     assert "## Targets" in md and "## Profile: modality_e2 fwd+bwd, triton" in md
     profile = timing["profiles"]["triton"]
-    assert profile and abs(sum(k["share"] for k in profile) - 1) <= 1 - 0.5 and all(k["ms"] > 0 for k in profile)
+    # the top ops hold most of the profiled time, and no more than all of it
+    assert profile and 0.5 <= sum(k["share"] for k in profile) <= 1 + 1e-9 and all(k["ms"] > 0 for k in profile)
     assert len(report["targets"]) == 8
 
 
